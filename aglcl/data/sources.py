@@ -1,0 +1,292 @@
+"""Where a task's examples come from: a TRACE-style directory, loose files, or a Hugging Face dataset.
+
+Every source has ``load(split) -> list[dict]`` returning ``{"prompt": str, "answer": str}`` examples for a
+split named ``"train"``, ``"eval"`` or ``"test"``, and ``describe() -> str``. Problems with the data raise
+:class:`aglcl.errors.AglclError` with a one-line message naming the file, the line or item, and the field.
+
+    LocalDir("data/C-STANCE")                                   # train.json, eval.json, test.json
+    Files(train="tr.jsonl", eval="dev.csv", prompt_field="input", answer_field="output")
+    HFDataset("ag_news", splits={"train": "train", "eval": "test", "test": "test"}, answer_field="label")
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aglcl.errors import AglclError, choices
+
+SPLITS = ("train", "eval", "test")
+KEY = "task.source"  # the config key that holds a task's source; error messages name its fields
+FORMATS = ("auto", "csv", "json", "jsonl")
+_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise AglclError(f"unknown split {split!r}; choose one of {choices(SPLITS)}")
+    return split
+
+
+def _value(record: dict, field: str, where: str, key: str) -> str:
+    if field not in record:
+        present = choices(map(str, record)) or "none"
+        raise AglclError(f"{where}: missing field {field!r} (fields present: {present}); set {KEY}.{key}")
+    value = record[field]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if value is None:
+        raise AglclError(f"{where}: field {field!r} is null; expected a string")
+    raise AglclError(
+        f"{where}: field {field!r} is a {type(value).__name__} ({str(value)[:40]!r}); expected a string"
+    )
+
+
+def to_examples(
+    records: Iterable[tuple[str, Any]], prompt_field: str, answer_field: str, empty: str
+) -> list[dict]:
+    """Turn ``(where, record)`` pairs into examples; ``where`` locates a record in error messages.
+
+    ``empty`` is the message raised when there are no records at all.
+    """
+    out = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise AglclError(
+                f"{where}: expected an object with fields {prompt_field!r} and {answer_field!r}, "
+                f"got a {type(record).__name__}"
+            )
+        prompt = _value(record, prompt_field, where, "prompt_field")
+        out.append({"prompt": prompt, "answer": _value(record, answer_field, where, "answer_field")})
+    if not out:
+        raise AglclError(empty)
+    return out
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise AglclError(f"file not found: {file}") from None
+    except UnicodeDecodeError as e:
+        raise AglclError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise AglclError(f"cannot read {file}: {e.strerror or e}") from None
+
+
+def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
+    text = _read_text(file)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (it looks like JSON Lines: set format=jsonl)" if e.msg == "Extra data" else ""
+        raise AglclError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from None
+    if not isinstance(data, list):
+        raise AglclError(f"{file}: expected a JSON list of objects, got a {type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{file}: item {i}", record
+
+
+def read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(_read_text(file).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AglclError(f"{file}:{lineno}:{e.colno}: invalid JSON line: {e.msg}") from None
+        yield f"{file}:{lineno}", record
+
+
+def read_csv(file: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
+    reader = csv.DictReader(_read_text(file).splitlines(), delimiter=delimiter)
+    try:
+        for record in reader:
+            yield f"{file}:{reader.line_num}", record
+    except csv.Error as e:
+        raise AglclError(f"{file}:{reader.line_num}: malformed CSV: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------- sources
+class LocalDir:
+    """TRACE's layout: ``train.json``, ``eval.json`` and ``test.json`` in one directory, each a JSON list."""
+
+    def __init__(self, path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer"):
+        self.path = Path(path).expanduser()
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+
+    def load(self, split: str) -> list[dict]:
+        file = self.path / f"{check_split(split)}.json"
+        if not self.path.is_dir():
+            raise AglclError(f"data directory not found: {self.path} (expected {file}); set {KEY}.path")
+        if not file.is_file():
+            raise AglclError(
+                f"missing split file {file} (a LocalDir needs {choices(s + '.json' for s in SPLITS)})"
+            )
+        empty = f"split {split!r} of {self.path} is empty"
+        return to_examples(read_json_list(file), self.prompt_field, self.answer_field, empty)
+
+    def describe(self) -> str:
+        return f"LocalDir({self.path})"
+
+
+class Files:
+    """One JSONL, JSON (a list) or CSV file per split; the format comes from the extension unless set."""
+
+    def __init__(
+        self,
+        train: str | os.PathLike | None = None,
+        eval: str | os.PathLike | None = None,
+        test: str | os.PathLike | None = None,
+        format: str = "auto",
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        csv_delimiter: str = ",",
+    ):
+        if format not in FORMATS:
+            raise AglclError(f"unknown {KEY}.format {format!r}; choose one of {choices(FORMATS)}")
+        self.files = {
+            s: None if p is None else Path(p).expanduser()
+            for s, p in zip(SPLITS, (train, eval, test), strict=True)
+        }
+        self.format, self.csv_delimiter = format, csv_delimiter
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+
+    def _format(self, file: Path) -> str:
+        if self.format != "auto":
+            return self.format
+        fmt = _EXTENSIONS.get(file.suffix.lower())
+        if fmt is None:
+            raise AglclError(
+                f"cannot tell the format of {file} from its extension {file.suffix or '(none)'!r}; "
+                f"set {KEY}.format to one of {choices(f for f in FORMATS if f != 'auto')}"
+            )
+        return fmt
+
+    def load(self, split: str) -> list[dict]:
+        file = self.files[check_split(split)]
+        if file is None:
+            raise AglclError(f"no file for split {split!r}: set {KEY}.{split}")
+        if not file.is_file():
+            raise AglclError(f"file for split {split!r} not found: {file}; check {KEY}.{split}")
+        fmt = self._format(file)
+        if fmt == "csv":
+            delimiter = (
+                "\t" if file.suffix.lower() == ".tsv" and self.format == "auto" else self.csv_delimiter
+            )
+            records = read_csv(file, delimiter)
+        else:
+            records = read_jsonl(file) if fmt == "jsonl" else read_json_list(file)
+        empty = f"split {split!r} ({file}) is empty"
+        return to_examples(records, self.prompt_field, self.answer_field, empty)
+
+    def describe(self) -> str:
+        return "Files(" + ", ".join(f"{s}={p}" for s, p in self.files.items() if p is not None) + ")"
+
+
+class HFDataset:
+    """A dataset through ``datasets.load_dataset``: a hub id, or a local directory of data files.
+
+    ``splits`` maps our split names to the dataset's. Note that ``datasets`` reads a local file named
+    ``eval.*`` as its *test* split; name the validation file ``validation.*`` (or ``dev.*``).
+    A directory written by ``save_to_disk`` is read with ``load_from_disk``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        revision: str | None = None,
+        splits: dict | None = None,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+    ):
+        self.path, self.name, self.revision, self.cache_dir = str(path), name, revision, cache_dir
+        self.splits = (
+            dict(splits) if splits is not None else {"train": "train", "eval": "validation", "test": "test"}
+        )
+        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.trust_remote_code = trust_remote_code
+
+    def _fail(self, e: Exception) -> AglclError:
+        from datasets import config
+        from datasets.exceptions import DatasetNotFoundError
+
+        offline = bool(
+            getattr(config, "HF_HUB_OFFLINE", False) or getattr(config, "HF_DATASETS_OFFLINE", False)
+        )
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        if isinstance(e, ConnectionError) or (isinstance(e, FileNotFoundError) and offline):
+            return AglclError(
+                f"cannot load dataset {self.path!r}: {reason}; it is not in the local cache and the hub is "
+                "unreachable (offline). Point task.source to local files (LocalDir/Files) or run once online."
+            )
+        if isinstance(e, DatasetNotFoundError | FileNotFoundError):
+            return AglclError(
+                f"cannot load dataset {self.path!r}: {reason}; check {KEY}.path (a hub id or a local "
+                "directory), or point task.source to local files (LocalDir/Files)"
+            )
+        return AglclError(f"cannot load dataset {self.path!r}: {reason}")
+
+    def _load_split(self, hf_split: str):
+        import datasets
+
+        local = Path(self.path).expanduser()
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            data = datasets.load_from_disk(str(local))
+            if isinstance(data, datasets.DatasetDict):
+                if hf_split not in data:
+                    raise ValueError(f'Unknown split "{hf_split}". Should be one of {list(data)}.')
+                return data[hf_split]
+            return data  # a single saved Dataset serves every split
+        if self.path.startswith(("/", "./", "../", "~")) and not local.exists():
+            raise AglclError(f"local dataset directory not found: {local}; check {KEY}.path")
+        kwargs = {"cache_dir": self.cache_dir} if self.cache_dir else {}
+        if (
+            self.trust_remote_code
+            and "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
+        ):
+            kwargs["trust_remote_code"] = (
+                True  # datasets >= 4 runs no dataset scripts and has no such argument
+            )
+        return datasets.load_dataset(self.path, self.name, split=hf_split, revision=self.revision, **kwargs)
+
+    def load(self, split: str) -> list[dict]:
+        if check_split(split) not in self.splits:
+            raise AglclError(f"split {split!r} is not mapped for {self.path!r}; set {KEY}.splits.{split}")
+        hf_split = self.splits[split]
+        try:
+            data = self._load_split(hf_split)
+        except AglclError:
+            raise
+        except ValueError as e:
+            found = re.search(r"Unknown split \"?'?([^\"']*)\"?'?\. Should be one of (\[.*\])", str(e))
+            if not found:
+                raise self._fail(e) from None
+            available = re.findall(r"'([^']*)'", found.group(2))
+            raise AglclError(
+                f"dataset {self.path!r} has no split {hf_split!r} (for {split!r}); available splits: "
+                f"{choices(available)}; set {KEY}.splits.{split}"
+            ) from None
+        except Exception as e:  # datasets raises many kinds; none should surface as a traceback
+            raise self._fail(e) from None
+        where = f"dataset {self.path!r} split {hf_split!r}"
+        records = ((f"{where} row {i}", row) for i, row in enumerate(data))
+        return to_examples(
+            records, self.prompt_field, self.answer_field, f"split {split!r} of {where} is empty"
+        )
+
+    def describe(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in (("name", self.name), ("revision", self.revision)) if v)
+        return f"HFDataset({self.path}{extra})"
