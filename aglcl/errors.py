@@ -16,3 +16,30 @@ class AglclError(Exception):
 def choices(options) -> str:
     """Format valid choices for an error message: ``'a', 'b', 'c'``."""
     return ", ".join(repr(o) for o in sorted(options))
+
+
+class UserAbort(BaseException):
+    """Carries an :class:`AglclError` out of a Hydra job.
+
+    Hydra catches ``Exception`` inside a job and prints its own multi-line report; a ``BaseException``
+    passes through untouched, so ``aglcl.cli`` can print the one-line message.
+    """
+
+
+def user_errors(task_function):
+    """Decorate a Hydra task function so that user errors leave it as :class:`UserAbort`."""
+    import functools
+
+    @functools.wraps(task_function)
+    def wrapper(cfg):
+        try:
+            return task_function(cfg)
+        except Exception as exc:
+            cause = exc
+            while cause is not None and not isinstance(cause, AglclError):
+                cause = cause.__cause__  # e.g. a config's own check, wrapped by hydra's instantiate()
+            if cause is None:
+                raise
+            raise UserAbort(str(cause)) from None
+
+    return wrapper

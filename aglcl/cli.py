@@ -1,0 +1,89 @@
+"""The ``aglcl`` command: ``aglcl <subcommand> [hydra overrides...]``.
+
+Examples::
+
+    aglcl train                                   # the offline default experiment
+    aglcl train model=tiny debug=fast             # seconds, on a random tiny Llama
+    aglcl train -m method=seqft,agft trainer.seed=0,1,2
+    aglcl train --cfg job                         # print the composed config
+    aglcl eval run_dir=outputs/train/runs/<stamp>
+    aglcl eval matrix=paper_table.csv
+    aglcl eval sweep_dir=outputs/train/multiruns/<stamp>
+    aglcl ls                                      # config options and finished runs
+    aglcl data prepare                            # build the offline tasks into the cache
+
+User errors print one line on stderr and exit with status 2; set AGLCL_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+COMMANDS = {
+    "train": ("aglcl.commands.train", "train a model on a task sequence (Hydra app)"),
+    "eval": ("aglcl.commands.evaluate", "forgetting metrics of a run, an accuracy matrix or a sweep"),
+    "ls": ("aglcl.commands.ls", "list config options and finished runs"),
+    "data": ("aglcl.commands.data", "prepare | list the offline task data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: aglcl <command> [overrides...]   (aglcl <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines) + "\n\n" + (__doc__ or "").split("Examples::")[1].split("User errors")[0].rstrip()
+
+
+def _fail(cmd: str, message: str) -> None:
+    prefix = f"aglcl {cmd}" if cmd else "aglcl"
+    print(f"{prefix}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _hydra_message(exc: BaseException) -> str:
+    """One line out of Hydra's multi-line composition errors (unknown option, bad override)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        return f"unknown option '{option}' for config group '{group}'; choose from: {', '.join(exc.options)}"
+    text = str(exc).replace("\t", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    cmd = argv[0]
+    if cmd not in COMMANDS:
+        _fail("", f"unknown command '{cmd}'; choose from: {', '.join(COMMANDS)}")
+    debug = os.environ.get("AGLCL_DEBUG") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us, then print them as one line
+    from aglcl.errors import AglclError, UserAbort
+
+    try:
+        module = importlib.import_module(COMMANDS[cmd][0])
+        sys.argv = [f"aglcl-{cmd}", *argv[1:]]
+        module.main()
+    except (AglclError, UserAbort) as exc:
+        if debug:
+            raise
+        _fail(cmd, str(exc))
+    except Exception as exc:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        if debug or not isinstance(exc, (HydraException, OmegaConfBaseException)):
+            raise
+        cause = exc
+        while cause is not None and not isinstance(cause, AglclError):
+            cause = cause.__cause__  # e.g. a config's __post_init__ error wrapped by instantiate()
+        _fail(cmd, str(cause) if cause is not None else _hydra_message(exc))
+
+
+if __name__ == "__main__":
+    main()

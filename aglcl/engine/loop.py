@@ -1,0 +1,89 @@
+"""Training one task: AdamW, a schedule, gradient accumulation, clipping, method hooks.
+
+Read it top to bottom: each optimizer step accumulates ``grad_accum`` micro-batches, then calls
+``method.after_backward`` exactly once (gradients are final here, so a gate never compounds),
+clips, steps, and calls ``method.after_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader
+
+from aglcl.data.collate import collate, encode
+
+
+def _batches(loader):
+    while True:  # cycle over epochs; the loader reshuffles each pass
+        yield from loader
+
+
+def _release(accelerator, *objects) -> None:
+    """Forget one task's optimizer, scheduler and loader (``free_memory`` would drop the model too)."""
+    for attr in ("_optimizers", "_schedulers", "_dataloaders"):
+        kept = [o for o in getattr(accelerator, attr, []) if all(o is not x for x in objects)]
+        setattr(accelerator, attr, kept)
+
+
+def encode_split(tokenizer, examples: list[dict], answer_prefix: str, max_length: int) -> list[dict]:
+    return [encode(tokenizer, ex["prompt"], answer_prefix + ex["answer"], max_length) for ex in examples]
+
+
+def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, progress=None, *, task: str,
+               step_offset: int = 0) -> dict:
+    """Train on ``encoded`` examples; returns ``{"steps", "loss", "train_s", "tokens_per_s"}``."""
+    generator = torch.Generator().manual_seed(cfg.seed + step_offset)
+    loader = DataLoader(encoded, batch_size=cfg.batch_size, shuffle=True, generator=generator,
+                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    steps = cfg.max_steps or max(1, math.ceil(len(loader) * cfg.epochs / cfg.grad_accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    bar = progress.add_task(f"train {task}", total=steps, loss=float("nan"), tps=0.0) if progress else None
+
+    model.train()
+    batches = _batches(loader)
+    tokens, running, last = 0, torch.zeros((), device=accelerator.device), float("nan")
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                outputs = model(**batch)
+                loss = method.loss(model, batch, outputs)
+                accelerator.backward(loss / cfg.grad_accum)
+            running += loss.detach() / cfg.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        method.after_backward(model)
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        method.after_step(model, optimizer)
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg.log_every == 0 or step == steps:
+            last = running.item() / (cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every))
+            running.zero_()
+            tps = tokens / max(time.perf_counter() - start, 1e-9)
+            if not math.isfinite(last):
+                from aglcl.errors import AglclError
+
+                raise AglclError(f"non-finite loss {last} at step {step} of task '{task}'; lower trainer.lr")
+            accelerator.log({f"train/{task}/loss": last, "train/tokens_per_s": tps}, step=step_offset + step)
+            if bar is not None:
+                progress.update(bar, completed=step, loss=last, tps=tps)
+    train_s = time.perf_counter() - start
+    if bar is not None:
+        progress.update(bar, completed=steps)
+    _release(accelerator, optimizer, scheduler, loader)
+    return {"steps": steps, "loss": last, "train_s": train_s, "tokens_per_s": tokens / max(train_s, 1e-9)}

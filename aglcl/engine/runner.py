@@ -1,0 +1,156 @@
+"""The sequence runner: ``run_train(cfg)`` is what ``aglcl train`` calls (and what tests call).
+
+For each task of ``sequence.order``: train it, evaluate every task (a row of R), let the method
+react (``after_task``), record ``state.json``. The initial model is evaluated first (``b``, for FWT).
+The runner knows no method names: behaviour comes from ``cfg.method`` (``_target_``) and its hooks.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from aglcl.engine import rundir
+from aglcl.engine.loop import encode_split, train_task
+
+
+def _enabled(node) -> bool:
+    return node is not None and node.get("_target_") is not None
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-wide peak
+
+
+def _versions() -> dict:
+    import accelerate
+    import peft
+    import transformers
+
+    import aglcl
+
+    return {"aglcl": aglcl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())
+
+
+def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_name: str) -> list[float]:
+    """Score every task's test split; write ``predictions/after_<stage>_<stage_name>/<task>.jsonl``."""
+    model.eval()
+    row = []
+    for task in tasks:
+        preds, scores = task.scoring(model, tokenizer, task, task.test, cfg.eval_batch_size, cfg.max_length)
+        records = [{"prompt": ex["prompt"], "reference": ex["answer"], "prediction": p, "score": s}
+                   for ex, p, s in zip(task.test, preds, scores)]
+        rundir.write_predictions(run_dir, stage, stage_name, task.name, records)
+        row.append(sum(scores) / max(len(scores), 1))
+    model.train()
+    return row
+
+
+def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Run the whole sequence; returns the content of ``results.json``."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+    from hydra.utils import instantiate
+    from rich.console import Console
+
+    from aglcl.data.tasks import load_sequence
+    from aglcl.metrics.cl import compute_all
+    from aglcl.report.matrix import write_matrix_csv
+    from aglcl.report.plots import plot_heatmap
+    from aglcl.report.tables import matrix_table, metrics_table
+
+    wall = time.perf_counter()
+    hf_logging.disable_progress_bar()
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    console = Console(stderr=True)
+
+    # Everything that can fail on user input is built before the first write.
+    trainer = instantiate(cfg.trainer)
+    tasks = load_sequence(cfg.sequence, cfg.get("limit"), cfg.get("data_seed", 0))
+    method = instantiate(cfg.method)
+    set_seed(trainer.seed)
+    model, tokenizer = instantiate(cfg.model)
+    if _enabled(cfg.get("peft")):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, instantiate(cfg.peft, _convert_="all"))
+    log_with = cfg.logger.get("log_with")
+    accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
+                              project_dir=cfg.logger.get("logging_dir") or str(run_dir))
+    model = accelerator.prepare(model)
+    if log_with:
+        accelerator.init_trackers("aglcl")
+    names = [t.name for t in tasks]
+    encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
+    console.print(f"[bold]aglcl train[/]: {len(tasks)} tasks {names}, method {type(method).__name__}, "
+                  f"run dir {run_dir}")
+
+    timings: dict = {"train_s": {}, "eval_s": 0.0}
+    start = time.perf_counter()
+    b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
+    timings["eval_s"] += time.perf_counter() - start
+    R: list[list[float]] = []
+    stats = {}
+    with _progress() as progress:
+        for index, task in enumerate(tasks):
+            method.before_task(index, task, model)
+            stats[task.name] = train_task(model, tokenizer, encoded[task.name], method, trainer, accelerator,
+                                          progress, task=task.name, step_offset=index * 10**6)
+            timings["train_s"][task.name] = stats[task.name]["train_s"]
+            start = time.perf_counter()
+            R.append(evaluate_all(model, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
+            timings["eval_s"] += time.perf_counter() - start
+            method.after_task(index, task, model, encoded[task.name])
+            rundir.write_json(run_dir / rundir.STATE, {
+                "next_task": index + 1, "completed": names[: index + 1], "order": names,
+                "R": R, "b": b, "done": index + 1 == len(tasks)})
+            progress.console.print(f"after {task.name}: " + "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
+
+    metrics = compute_all(R, b)
+    timings["wall_s"] = time.perf_counter() - wall
+    timings["peak_mem_mb"] = _peak_mem_mb(accelerator.device)
+    results = {
+        "tasks": names,
+        "metric": {t.name: t.metric for t in tasks},
+        "R": R,
+        "b": b,
+        "metrics": metrics,
+        "train": stats,
+        "timings": timings,
+        "method": cfg.method.get("_target_"),
+        "seed": trainer.seed,
+        "tags": list(cfg.get("tags") or []),
+        "versions": _versions(),
+    }
+    write_matrix_csv(run_dir / rundir.R_CSV, names, R)
+    plot_heatmap(names, R, run_dir / rundir.HEATMAP, title=f"R ({results['method']}, seed {trainer.seed})")
+    rundir.write_json(run_dir / rundir.RESULTS, results)
+    console.print(matrix_table(names, R, b))
+    console.print(metrics_table(metrics))
+    if log_with:
+        accelerator.log({f"metrics/{k}": v for k, v in metrics.items() if v is not None})
+        accelerator.end_training()
+    del model, accelerator
+    AcceleratorState._reset_state(True)  # multirun jobs share this process; each builds its own Accelerator
+    return results

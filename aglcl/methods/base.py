@@ -1,0 +1,47 @@
+"""The hook vocabulary every continual-learning method implements.
+
+The runner calls, in order, for each task ``t`` of the sequence::
+
+    before_task(t, task, model)                 # e.g. snapshot weights, build masks
+    for each optimizer step:
+        loss(model, batch, outputs)   (per micro-batch)   # add penalties / distillation terms
+        after_backward(model)         (once per step, after accumulation and sync, before clipping)
+        after_step(model, optimizer)  (once per step, after optimizer.step)
+    after_task(t, task, model, data)            # e.g. estimate Fisher or importance, fill buffers
+
+``Method`` is the one concrete base: every hook is a no-op, which is plain sequential fine-tuning.
+Methods keep their tensors in ``state_dict()`` so a run dir can persist and restore them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Method:
+    """No-op hooks (sequential fine-tuning). Subclass and override what your method needs."""
+
+    name = "method"
+
+    def before_task(self, index: int, task: Any, model: Any) -> None:
+        """Called before training task ``index`` (0-based)."""
+
+    def loss(self, model: Any, batch: dict, outputs: Any):
+        """The loss to back-propagate for one micro-batch; default: the LM loss on answer tokens."""
+        return outputs.loss
+
+    def after_backward(self, model: Any) -> None:
+        """Called once per optimizer step, after gradients are accumulated and synchronised."""
+
+    def after_step(self, model: Any, optimizer: Any) -> None:
+        """Called once per optimizer step, right after ``optimizer.step()``."""
+
+    def after_task(self, index: int, task: Any, model: Any, data: Any) -> None:
+        """Called after training task ``index``; ``data`` is that task's encoded training set."""
+
+    def state_dict(self) -> dict:
+        """Tensors and values to persist in the run dir."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""

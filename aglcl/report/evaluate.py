@@ -1,0 +1,86 @@
+"""What ``aglcl eval`` does: metrics of a run dir, of an accuracy matrix file, or of a sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from aglcl.engine import rundir
+from aglcl.errors import AglclError
+from aglcl.metrics.cl import compute_all
+from aglcl.metrics.scorers import get_scorer
+
+SOURCES = ("run_dir", "matrix", "sweep_dir")
+
+
+def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[float]]:
+    """Rebuild ``(tasks, R, b)`` by re-scoring every stored prediction with its task's metric."""
+    results_file = run_dir / rundir.RESULTS
+    if not results_file.is_file():
+        raise AglclError(f"{results_file} not found; run_dir must be a finished `aglcl train` run dir")
+    try:
+        results = json.loads(results_file.read_text())
+        tasks, metric = results["tasks"], results["metric"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AglclError(f"{results_file} is not a valid results file ({exc!r})") from None
+    stages = rundir.read_predictions(run_dir)
+    expected = list(range(len(tasks) + 1))
+    if sorted(stages) != expected:
+        raise AglclError(f"{run_dir / rundir.PREDICTIONS} holds stages {sorted(stages)}; expected {expected}")
+    rows = []
+    for stage in expected:
+        row = []
+        for task in tasks:
+            records = stages[stage].get(task)
+            if not records:
+                raise AglclError(f"no predictions for task '{task}' at stage {stage} in {run_dir}")
+            score = get_scorer(metric[task])
+            row.append(sum(score(r["prediction"], r["reference"]) for r in records) / len(records))
+        rows.append(row)
+    return tasks, rows[1:], rows[0]
+
+
+def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
+    """Print the metrics table and write ``metrics.json`` (and ``sweep.csv``) into ``out_dir``."""
+    from rich.console import Console
+
+    from aglcl.report import tables
+
+    chosen = [key for key in SOURCES if cfg.get(key)]
+    if len(chosen) != 1:
+        raise AglclError(f"give exactly one of {', '.join(k + '=...' for k in SOURCES)} (got {len(chosen)})")
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out_dir = Path(out_dir)
+    console = Console()
+    key, value = chosen[0], Path(cfg[chosen[0]])
+    if key == "sweep_dir":
+        from aglcl.report.sweep import METRICS, TIMINGS, aggregate_sweep, write_sweep_csv
+
+        rows = aggregate_sweep(value)
+        keys = [k for k in (*METRICS, *TIMINGS) if any(k in r for r in rows)]
+        console.print(tables.sweep_table(rows, keys, title=f"Sweep {value}"))
+        write_sweep_csv(rows, out_dir / "sweep.csv")
+        out = {"sweep_dir": str(value), "rows": rows}
+        rundir.write_json(out_dir / "metrics.json", out)
+        console.print(f"wrote {out_dir / 'sweep.csv'}")
+        return out
+    if key == "run_dir":
+        if not value.is_dir():
+            raise AglclError(f"run_dir={value} is not a directory")
+        tasks, R, b = matrix_from_run(value)
+    else:
+        from aglcl.report.matrix import read_matrix
+
+        tasks, R, b = read_matrix(value)
+    metrics = compute_all(R, b)
+    console.print(tables.matrix_table(tasks, R, b))
+    console.print(tables.metrics_table(metrics))
+    if metrics.get("fwt") is None:
+        console.print("FWT unavailable: it needs the initial scores b and the cells above the diagonal.")
+    rundir.write_json(out_dir / "metrics.json", metrics)
+    return metrics

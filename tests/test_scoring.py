@@ -1,0 +1,57 @@
+"""Scoring strategies on the tiny model: shared-prompt label scoring equals full-sequence scoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aglcl.data.collate import collate, encode
+from aglcl.data.tasks import Task
+from aglcl.engine.scoring import GreedyGeneration, LabelLikelihood, label_logprobs
+from aglcl.models import build_tiny
+
+
+def _full_sequence_logprob(model, tokenizer, prompt, answer):
+    row = encode(tokenizer, prompt, answer, 256)
+    batch = collate([row], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+    targets = batch["labels"][0, 1:]
+    keep = targets != -100
+    return torch.log_softmax(logits[keep], -1).gather(-1, targets[keep, None]).sum().item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = build_tiny(seed=3)
+    return model.eval(), tokenizer
+
+
+def test_shared_prompt_scores_equal_full_sequence_scores(tiny):
+    model, tok = tiny
+    prompts = ["Is 4 even or odd? Answer:", "A much longer prompt, to force left padding. Answer:"]
+    labels = [" even", " odd", " neither of them"]
+    from aglcl.data.collate import encode_answer
+
+    got = label_logprobs(model, tok.pad_token_id, [tok(p).input_ids for p in prompts],
+                         [encode_answer(tok, lab) for lab in labels])
+    want = torch.tensor([[_full_sequence_logprob(model, tok, p, lab) for lab in labels] for p in prompts])
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_label_likelihood_predicts_labels_and_scores_them(tiny):
+    model, tok = tiny
+    task = Task(name="t", template="{prompt}", answer_prefix=" ", metric="accuracy", scoring=None,
+                train=[{"prompt": "x", "answer": "yes"}, {"prompt": "y", "answer": "no"}])
+    examples = [{"prompt": f"Q{i}:", "answer": "yes" if i % 2 else "no"} for i in range(5)]
+    preds, scores = LabelLikelihood()(model, tok, task, examples, batch_size=2, max_length=64)
+    assert len(preds) == 5 and set(preds) <= {"yes", "no"}
+    assert scores == [float(p == ex["answer"]) for p, ex in zip(preds, examples)]
+
+
+def test_greedy_generation_returns_one_line_per_example(tiny):
+    model, tok = tiny
+    task = Task(name="t", template="{prompt}", answer_prefix=" ", metric="rouge_l", scoring=None)
+    examples = [{"prompt": "Hello", "answer": "world"}, {"prompt": "Hi there, how", "answer": "are you"}]
+    preds, scores = GreedyGeneration(max_new_tokens=4)(model, tok, task, examples, batch_size=2, max_length=32)
+    assert len(preds) == 2 and all("\n" not in p for p in preds)
+    assert all(0.0 <= s <= 1.0 for s in scores)
