@@ -55,3 +55,15 @@ def test_greedy_generation_returns_one_line_per_example(tiny):
     preds, scores = GreedyGeneration(max_new_tokens=4)(model, tok, task, examples, batch_size=2, max_length=32)
     assert len(preds) == 2 and all("\n" not in p for p in preds)
     assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_answer_only_forward_matches_the_library_loss(tiny):
+    from aglcl.engine.loop import lm_forward
+
+    model, tok = tiny
+    rows = [encode(tok, "a prompt of some length", " yes", 64), encode(tok, "short", " no way", 64)]
+    batch = collate(rows, tok.pad_token_id)
+    ours = lm_forward(model, batch)
+    ref = model(**batch)
+    assert torch.allclose(ours.loss, ref.loss, atol=1e-5)
+    assert ours.logits.shape[1] < ref.logits.shape[1]  # only answer positions went through the head

@@ -7,6 +7,7 @@ The runner knows no method names: behaviour comes from ``cfg.method`` (``_target
 
 from __future__ import annotations
 
+import logging
 import platform
 import resource
 import time
@@ -16,6 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from aglcl.engine import rundir
+
+log = logging.getLogger("aglcl")
 from aglcl.engine.loop import encode_split, train_task
 
 
@@ -103,8 +106,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         accelerator.init_trackers("aglcl")
     names = [t.name for t in tasks]
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
-    console.print(f"[bold]aglcl train[/]: {len(tasks)} tasks {names}, method {type(method).__name__}, "
-                  f"run dir {run_dir}")
+    log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
 
     timings: dict = {"train_s": {}, "eval_s": 0.0}
     start = time.perf_counter()
@@ -125,7 +127,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             rundir.write_json(run_dir / rundir.STATE, {
                 "next_task": index + 1, "completed": names[: index + 1], "order": names,
                 "R": R, "b": b, "done": index + 1 == len(tasks)})
-            progress.console.print(f"after {task.name}: " + "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
+            log.info("after %s: %s", task.name, "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
 
     metrics = compute_all(R, b)
     timings["wall_s"] = time.perf_counter() - wall

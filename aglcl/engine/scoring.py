@@ -8,12 +8,11 @@ Both return ``(predictions, scores)`` with one entry per example.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from aglcl.data.collate import encode_answer, encode_prompt
 from aglcl.metrics.scorers import get_scorer
+from aglcl.models.compat import accepts
 
 
 class LabelLikelihood:
@@ -45,12 +44,6 @@ class LabelLikelihood:
         return predictions, scores
 
 
-def _cache_arg(model) -> str:
-    """The forward() keyword for a KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
     """``(B, K)`` sums of log p(label_k | prompt_b), one prompt pass plus one short pass over labels."""
     device = next(model.parameters()).device
@@ -80,7 +73,7 @@ def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[li
     inputs, targets, valid = (t.repeat(B, 1).to(device) for t in (inputs, targets, valid))
     full_mask = torch.cat([mask.repeat_interleave(K, 0), valid], dim=-1)
     cont_pos = pos[:, -1:].repeat_interleave(K, 0) + 1 + torch.arange(L, device=device)
-    logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=cont_pos, **{_cache_arg(model): cache}).logits
+    logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=cont_pos, **{"cache" if accepts(model, "cache") else "past_key_values": cache}).logits
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return total + (logp * valid).sum(-1).view(B, K)
 
