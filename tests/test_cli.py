@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 from conftest import make_fixture_conf, run_cli, tiny_overrides

@@ -34,7 +34,7 @@ def _resolve(target: str):
 
 def _check_binds(cfg) -> int:
     n = 0
-    for path, node in _targets(cfg):
+    for _path, node in _targets(cfg):
         fn = _resolve(node._target_)
         kwargs = {k: None for k in node if not str(k).startswith("_") and not OmegaConf.is_missing(node, k)}
         if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):

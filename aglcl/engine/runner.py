@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from aglcl.engine import rundir
+from aglcl.engine.loop import encode_split, train_task
 
 log = logging.getLogger("aglcl")
-from aglcl.engine.loop import encode_split, train_task
 
 
 def _enabled(node) -> bool:
@@ -69,9 +69,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers.utils import logging as hf_logging
     from hydra.utils import instantiate
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from aglcl.data.tasks import load_sequence
     from aglcl.metrics.cl import compute_all
