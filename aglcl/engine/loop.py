@@ -91,6 +91,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
         method.after_backward(model)
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        method.before_step(model, optimizer)
         optimizer.step()
         method.after_step(model, optimizer)
         scheduler.step()

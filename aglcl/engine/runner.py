@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from aglcl.engine import rundir
 from aglcl.engine.loop import encode_split, train_task
+from aglcl.errors import AglclError
 
 log = logging.getLogger("aglcl")
 
@@ -92,6 +93,10 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     trainer = instantiate(cfg.trainer)
     tasks = load_sequence(cfg.sequence, cfg.get("limit"), cfg.get("data_seed", 0))
     method = instantiate(cfg.method)
+    attribution = instantiate(cfg.attribution) if _enabled(cfg.get("attribution")) else None
+    if getattr(method, "needs_importance", False) and attribution is None:
+        raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
+                         f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
@@ -108,7 +113,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
     log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
 
-    timings: dict = {"train_s": {}, "eval_s": 0.0}
+    timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
     start = time.perf_counter()
     b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
     timings["eval_s"] += time.perf_counter() - start
@@ -116,6 +121,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     stats = {}
     with _progress() as progress:
         for index, task in enumerate(tasks):
+            if attribution is not None:
+                attribution.before_task(model)
             method.before_task(index, task, model)
             stats[task.name] = train_task(model, tokenizer, encoded[task.name], method, trainer, accelerator,
                                           progress, task=task.name, step_offset=index * 10**6)
@@ -124,6 +131,12 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             R.append(evaluate_all(model, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
             timings["eval_s"] += time.perf_counter() - start
             method.after_task(index, task, model, encoded[task.name])
+            if attribution is not None and (index + 1 < len(tasks) or attribution.after_last):
+                start = time.perf_counter()
+                combined = attribution.after_task(index + 1, task.name, model, encoded[task.name],
+                                                  tokenizer.pad_token_id, run_dir)
+                timings["attribution_s"][task.name] = time.perf_counter() - start
+                method.set_importance(combined)
             rundir.write_json(run_dir / rundir.STATE, {
                 "next_task": index + 1, "completed": names[: index + 1], "order": names,
                 "R": R, "b": b, "done": index + 1 == len(tasks)})

@@ -6,8 +6,10 @@ The runner calls, in order, for each task ``t`` of the sequence::
     for each optimizer step:
         loss(model, batch, outputs)   (per micro-batch)   # add penalties / distillation terms
         after_backward(model)         (once per step, after accumulation and sync, before clipping)
-        after_step(model, optimizer)  (once per step, after optimizer.step)
-    after_task(t, task, model, data)            # e.g. estimate Fisher or importance, fill buffers
+        before_step(model, optimizer) (once per step, after clipping, right before optimizer.step)
+        after_step(model, optimizer)  (once per step, after optimizer.step, before the lr schedule moves)
+    after_task(t, task, model, data)            # e.g. estimate Fisher, fill buffers
+    set_importance(maps)                        # the combined importance map, when attribution is on
 
 ``Method`` is the one concrete base: every hook is a no-op, which is plain sequential fine-tuning.
 Methods keep their tensors in ``state_dict()`` so a run dir can persist and restore them.
@@ -33,11 +35,17 @@ class Method:
     def after_backward(self, model: Any) -> None:
         """Called once per optimizer step, after gradients are accumulated and synchronised."""
 
+    def before_step(self, model: Any, optimizer: Any) -> None:
+        """Called once per optimizer step, after clipping, right before ``optimizer.step()``."""
+
     def after_step(self, model: Any, optimizer: Any) -> None:
         """Called once per optimizer step, right after ``optimizer.step()``."""
 
     def after_task(self, index: int, task: Any, model: Any, data: Any) -> None:
         """Called after training task ``index``; ``data`` is that task's encoded training set."""
+
+    def set_importance(self, maps: dict) -> None:
+        """Receive the combined importance map ``{param_name: tensor in [0, 1]}`` after a task."""
 
     def state_dict(self) -> dict:
         """Tensors and values to persist in the run dir."""
