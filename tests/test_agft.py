@@ -134,3 +134,44 @@ def test_gate_is_applied_once_per_optimizer_step_under_accumulation():
     train_task(model, tok, data, method, cfg, Accelerator(cpu=True), task="t")
     assert len(calls) == 3  # once per optimizer step, not per micro-batch
     assert all(torch.allclose(r, torch.full_like(r, 0.5)) for r in calls)  # the gate never compounds
+
+
+def _lora_tiny():
+    from peft import LoraConfig, get_peft_model
+
+    from aglcl.models import build_tiny
+
+    model, tok = build_tiny()
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                             lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # as if a first task had been learnt
+    return model.eval(), tok
+
+
+def test_lora_gate_masks_the_weight_space_delta_and_merges_at_task_boundaries():
+    from aglcl.methods.lora_gate import lora_layers
+
+    model, _ = _lora_tiny()
+    x = torch.randint(0, 200, (2, 7))
+    layers = lora_layers(model)
+    name = next(n for n in layers if "q_proj" in n)
+    layer = layers[name]
+    base = dict(model.named_parameters())[name]
+    before = model(input_ids=x).logits
+    rbar = torch.zeros_like(base)
+    rbar[: base.shape[0] // 2] = 1.0  # protect the first half of the output rows
+    method = AGFT(lam=1.0, gate_dtype="float32")
+    method.set_importance({name: rbar})
+    method.before_task(1, None, model)
+    # the first task's delta was merged into W with gate 1: the function is unchanged, B is reset
+    assert torch.allclose(model(input_ids=x).logits, before, atol=1e-5)
+    assert all(float(b.weight.abs().sum()) == 0 for b in layer.lora_B.values())
+    # train B: protected rows of the effective delta get no gradient
+    for b in layer.lora_B.values():
+        torch.nn.init.normal_(b.weight, std=0.1)
+    hidden = torch.randn(3, base.shape[1])
+    out = layer(hidden) - layer.base_layer(hidden)
+    assert torch.allclose(out[:, : base.shape[0] // 2], torch.zeros(3, base.shape[0] // 2), atol=1e-6)
+    assert out[:, base.shape[0] // 2 :].abs().sum() > 0

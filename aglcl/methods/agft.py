@@ -30,6 +30,7 @@ import torch
 
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
+from aglcl.methods.lora_gate import install_gate, lora_layers, merge_and_reset
 
 MODES = ("grad", "update")
 
@@ -66,6 +67,7 @@ class AGFT(Method):
         if not self.importance:
             return
         params = dict(model.named_parameters())
+        lora = lora_layers(model)
         for name, rbar in self.importance.items():
             param = params[name] if name in params else params.get(_unwrapped(name, params))
             if param is None:
@@ -73,8 +75,12 @@ class AGFT(Method):
             if tuple(param.shape) != tuple(rbar.shape):
                 raise AglclError(f"importance map for '{name}' has shape {tuple(rbar.shape)}, "
                                  f"the parameter {tuple(param.shape)}")
-            if param.requires_grad:  # frozen base weights under LoRA: see aglcl.methods.lora_gate
-                self._gates.append((param, self.gate(rbar).to(param.device, self.gate_dtype)))
+            gate = self.gate(rbar).to(param.device, self.gate_dtype)
+            if param.requires_grad:
+                self._gates.append((param, gate))
+            elif name in lora:  # a frozen base weight under LoRA: gate its delta (aglcl.methods.lora_gate)
+                merge_and_reset(lora[name])
+                install_gate(lora[name], gate)
 
     def after_backward(self, model) -> None:
         if self.mode == "grad":
