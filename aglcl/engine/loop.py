@@ -105,7 +105,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
 
                 raise AglclError(f"non-finite loss {last} at step {step} of task '{task}'; lower trainer.lr")
             accelerator.log({f"train/{task}/loss": last, "train/tokens_per_s": tps}, step=step_offset + step)
-            if bar is not None and progress.console.is_terminal:
+            if bar is not None:
                 progress.update(bar, completed=step, loss=last, tps=tps)
             else:  # non-interactive (CI, log files, multirun launchers): plain log lines
                 log.info("train %s step %d/%d loss %.4f %.0f tok/s", task, step, steps, last, tps)

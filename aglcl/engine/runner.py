@@ -44,11 +44,17 @@ def _versions() -> dict:
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
-def _progress():
+def _progress(console):
+    """Rich progress bars on a terminal; elsewhere (CI, files, launchers) the loop logs plain lines."""
+    import contextlib
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not console.is_terminal:
+        return contextlib.nullcontext()
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn())
+                    TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
+                    console=console)
 
 
 def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_name: str) -> list[float]:
@@ -119,7 +125,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     timings["eval_s"] += time.perf_counter() - start
     R: list[list[float]] = []
     stats = {}
-    with _progress() as progress:
+    with _progress(console) as progress:
         for index, task in enumerate(tasks):
             if attribution is not None:
                 attribution.before_task(model)

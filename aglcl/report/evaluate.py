@@ -83,4 +83,10 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if metrics.get("fwt") is None:
         console.print("FWT unavailable: it needs the initial scores b and the cells above the diagonal.")
     rundir.write_json(out_dir / "metrics.json", metrics)
+    if key == "run_dir":
+        from aglcl.report.importance import importance_report
+
+        report = importance_report(value, out_dir)
+        if report is not None:
+            rundir.write_json(out_dir / "importance.json", report)
     return metrics

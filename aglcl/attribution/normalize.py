@@ -1,0 +1,159 @@
+"""Normalise raw importance maps into [0, 1] and fold them into one running map R̄.
+
+Raw importance (``{param_name: tensor}``, non-negative, heavy-tailed) is mapped into [0, 1] per *group*,
+then combined across tasks so that memory stays O(1) in the number of tasks. A method gates updates
+with ``s = 1 - λ·R̄``. Normalisation decides whether that gate does anything (DESIGN.md §7): after
+min-max normalisation of a heavy-tailed map almost every weight keeps ``s > 0.9``; rank normalisation
+spreads the gate uniformly.
+
+Normalisers, for a group ``x`` of ``n`` elements:
+
+- ``minmax``: ``(x - min x) / (max x - min x)``; a constant group gives zeros.
+- ``rank`` (quantile): ``rank(x_i) / (n - 1)`` with ``rank`` the 0-based *minimum* rank of ties
+  ("competition" ranking: tied elements all get the position of the first of them). A block of exact
+  zeros, common in raw maps (unused embedding rows, LoRA's ``B = 0``), therefore stays at 0 instead of
+  receiving mid-range protection; a constant group gives zeros, as with ``minmax``; ``n = 1`` gives 0.
+  The maximum is 1 exactly when the largest value is unique. O(n log n): one ``torch.sort`` plus
+  ``unique_consecutive``, no Python loops (about 6 s for 50M elements on 2 CPU cores).
+- ``ztanh``: ``|tanh((x - mean x) / std x)|`` with the population std; ``std = 0`` gives zeros.
+  Note this is not monotone in ``x``: values far *below* the mean also score high.
+
+Scopes: ``tensor`` normalises each tensor alone. ``block`` normalises all tensors of one Transformer
+block together (names containing ``.layers.<i>.`` or ``.h.<i>.``, e.g. ``model.layers.3.mlp.up_proj.weight``
+or ``transformer.h.3.attn.c_attn.weight``); tensors outside a block normalise alone.
+
+Combination rules, ``R̄_new = combine(R̄_prev, R_t)``:
+
+- ``max``: ``max(R̄_prev, R_t)`` elementwise (the paper's ``[max_τ R_τ]₊``).
+- ``ema``: ``decay·R̄_prev + (1 - decay)·R_t``.
+- ``sum``: ``S = R̄_prev + R_t``, then ``S / max(S)`` *per tensor* (whatever the normalisation scope);
+  a tensor whose sum is all zero stays zero.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from aglcl.errors import AglclError, choices
+
+NORMALIZERS = ("minmax", "rank", "ztanh")
+SCOPES = ("tensor", "block")
+COMBINES = ("max", "ema", "sum")
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+def block_key(name: str) -> str:
+    """The group a parameter normalises with under ``scope=block``: the name up to the block index."""
+    m = _BLOCK.search(name)
+    return name[: m.end()] if m else name
+
+
+def check_finite(name: str, t: Tensor, where: str = "importance map") -> None:
+    """Raise :class:`AglclError` naming ``name`` if ``t`` holds NaN or inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise AglclError(f"{where}: parameter {name!r} contains NaN or inf values")
+
+
+def _minmax(x: Tensor) -> Tensor:
+    lo, hi = x.min(), x.max()
+    if hi <= lo:
+        return torch.zeros_like(x)
+    return (x - lo).div_(hi - lo).clamp_(0.0, 1.0)
+
+
+def _rank(x: Tensor) -> Tensor:
+    n = x.numel()
+    if n <= 1:
+        return torch.zeros_like(x)
+    s, order = torch.sort(x)
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    del s
+    starts = torch.cumsum(counts, 0).sub_(counts)  # 0-based min rank of each run of ties
+    ranks = torch.repeat_interleave(starts, counts)
+    del starts, counts
+    out = torch.empty_like(x)
+    out[order] = ranks.to(torch.float32).div_(n - 1)
+    return out
+
+
+def _ztanh(x: Tensor) -> Tensor:
+    std, mean = torch.std_mean(x.to(torch.float64), correction=0)
+    if not std > 0:
+        return torch.zeros_like(x)
+    return ((x - mean.float()) / std.float()).tanh_().abs_()
+
+
+_FUNCS = {"minmax": _minmax, "rank": _rank, "ztanh": _ztanh}
+
+
+def normalize(maps: dict[str, Tensor], method: str = "rank", scope: str = "tensor") -> dict[str, Tensor]:
+    """Map each group of ``maps`` into [0, 1] (float32, same shapes, devices and keys)."""
+    if method not in _FUNCS:
+        raise AglclError(f"attribution.normalize={method!r} is not one of {choices(NORMALIZERS)}")
+    if scope not in SCOPES:
+        raise AglclError(f"attribution.scope={scope!r} is not one of {choices(SCOPES)}")
+    for name, t in maps.items():
+        check_finite(name, t)
+    groups: dict[str, list[str]] = {}
+    for name in maps:
+        groups.setdefault(block_key(name) if scope == "block" else name, []).append(name)
+    func = _FUNCS[method]
+    out: dict[str, Tensor] = {}
+    for names in groups.values():
+        flats = [maps[n].detach().reshape(-1).to(torch.float32) for n in names]
+        if len(flats) > 1:
+            devices = {f.device for f in flats}
+            if len(devices) > 1:  # a block split across devices (pipeline sharding): gather on the first
+                flats = [f.to(flats[0].device) for f in flats]
+        flat = torch.cat(flats) if len(flats) > 1 else flats[0]
+        del flats
+        res = func(flat) if flat.numel() else flat.clone()
+        for n, piece in zip(names, torch.split(res, [maps[n].numel() for n in names]), strict=True):
+            out[n] = piece.to(maps[n].device).reshape(maps[n].shape).contiguous()
+    return {n: out[n] for n in maps}
+
+
+def combine(previous: dict[str, Tensor] | None, new: dict[str, Tensor], how: str = "max",
+            ema_decay: float = 0.5, count: int = 1) -> dict[str, Tensor]:
+    """Fold the normalised map ``new`` into the running map ``previous`` (see the module docstring).
+
+    ``previous is None`` (the first task) returns a float32 copy of ``new``. ``count`` is the number of
+    task maps already folded into ``previous`` (≥ 1); it is validated but unused by ``max``/``ema``/``sum``,
+    kept so that a count-dependent rule (a running mean) can be added without changing callers.
+    The result has exactly the keys and shapes of ``new``; it lives on ``previous``'s devices.
+    """
+    if how not in COMBINES:
+        raise AglclError(f"attribution.combine={how!r} is not one of {choices(COMBINES)}")
+    if not 0.0 <= float(ema_decay) <= 1.0:
+        raise AglclError(f"attribution.ema_decay={ema_decay!r} must lie in [0, 1]")
+    if int(count) < 1:
+        raise AglclError(f"combine: count={count!r} must be >= 1")
+    for name, t in new.items():
+        check_finite(name, t)
+    if previous is None:
+        return {n: t.detach().to(torch.float32, copy=True).contiguous() for n, t in new.items()}
+    for name in sorted(set(previous) | set(new)):
+        if name not in new:
+            raise AglclError(f"combine: parameter {name!r} is in the running map but not in the new map")
+        if name not in previous:
+            raise AglclError(f"combine: parameter {name!r} is in the new map but not in the running map")
+        if tuple(previous[name].shape) != tuple(new[name].shape):
+            raise AglclError(f"combine: parameter {name!r} has shape {tuple(previous[name].shape)} in the "
+                             f"running map but {tuple(new[name].shape)} in the new map")
+    out: dict[str, Tensor] = {}
+    for name, t in new.items():
+        prev = previous[name].detach().to(torch.float32)
+        cur = t.detach().to(prev.device, torch.float32)
+        if how == "max":
+            out[name] = torch.maximum(prev, cur)
+        elif how == "ema":
+            out[name] = prev * float(ema_decay) + cur * (1.0 - float(ema_decay))
+        else:
+            s = prev + cur
+            top = s.max() if s.numel() else None
+            out[name] = s.div_(top) if top is not None and top > 0 else s
+    return out
