@@ -175,3 +175,15 @@ def test_lora_gate_masks_the_weight_space_delta_and_merges_at_task_boundaries():
     out = layer(hidden) - layer.base_layer(hidden)
     assert torch.allclose(out[:, : base.shape[0] // 2], torch.zeros(3, base.shape[0] // 2), atol=1e-6)
     assert out[:, base.shape[0] // 2 :].abs().sum() > 0
+
+
+@pytest.mark.parametrize("control", ["permuted", "uniform"])
+def test_controls_keep_the_mean_gate(control):
+    rbar = torch.rand(16, 16) ** 3
+    plain, ctl = AGFT(gate_dtype="float32"), AGFT(control=control, gate_dtype="float32")
+    model = torch.nn.Linear(16, 16, bias=False)
+    for m in (plain, ctl):
+        m.set_importance({"weight": rbar})
+        m.before_task(1, None, model)
+    assert ctl.mean_gate() == pytest.approx(plain.mean_gate(), abs=1e-5)
+    assert not torch.equal(ctl._gates[0][1], plain._gates[0][1])

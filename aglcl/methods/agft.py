@@ -33,6 +33,7 @@ from aglcl.methods.base import Method
 from aglcl.methods.lora_gate import install_gate, lora_layers, merge_and_reset
 
 MODES = ("grad", "update")
+CONTROLS = (None, "permuted", "uniform")
 
 
 class AGFT(Method):
@@ -42,16 +43,18 @@ class AGFT(Method):
     needs_importance = True
 
     def __init__(self, lam: float = 1.0, mode: str = "update", threshold: float | None = None,
-                 gate_dtype: str = "bfloat16"):
+                 gate_dtype: str = "bfloat16", control: str | None = None, seed: int = 0):
         if not 0.0 <= lam <= 1.0:
             raise AglclError(f"method.lam={lam} is invalid: must be in [0, 1]")
         if mode not in MODES:
             raise AglclError(f"method.mode={mode!r} is invalid; choose from: {choices(MODES)}")
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise AglclError(f"method.threshold={threshold} is invalid: must be in (0, 1] or null")
+        if control not in CONTROLS:
+            raise AglclError(f"method.control={control!r} is invalid; choose from: null, 'permuted', 'uniform'")
         if gate_dtype not in ("bfloat16", "float32"):
             raise AglclError(f"method.gate_dtype={gate_dtype!r} is invalid; choose from: 'bfloat16', 'float32'")
-        self.lam, self.mode, self.threshold = lam, mode, threshold
+        self.lam, self.mode, self.threshold, self.control, self.seed = lam, mode, threshold, control, seed
         self.gate_dtype = getattr(torch, gate_dtype)
         self.importance: dict[str, torch.Tensor] | None = None
         self._gates: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -59,7 +62,17 @@ class AGFT(Method):
 
     # -- hooks --------------------------------------------------------------------------------------
     def set_importance(self, maps: dict[str, torch.Tensor]) -> None:
-        """Receive the combined map R̄ (values in [0, 1]) after a task; gates are built at the next task."""
+        """Receive the combined map R̄ (values in [0, 1]) after a task; gates are built at the next task.
+
+        Controls for claims about the estimator (DESIGN.md §7): ``permuted`` shuffles R̄ within each
+        tensor (same gate distribution, wrong weights); ``uniform`` replaces R̄ by its per-tensor mean
+        (the same average shrinkage of the step, i.e. seqft with lr × mean gate, per tensor and task).
+        """
+        if self.control == "permuted":
+            gen = torch.Generator().manual_seed(self.seed + len(maps))
+            maps = {n: t.flatten()[torch.randperm(t.numel(), generator=gen)].view_as(t) for n, t in maps.items()}
+        elif self.control == "uniform":
+            maps = {n: torch.full_like(t, float(t.float().mean())) for n, t in maps.items()}
         self.importance = maps
 
     def before_task(self, index, task, model) -> None:
