@@ -14,9 +14,9 @@ applied once per optimizer step, in one of two modes:
 * ``grad``: g ← s ⊙ g after accumulation, before clipping (the paper's (1 − R̄) ⊙ ∇L). Under Adam a
   constant per-element factor cancels in m/√v, so only exact zeros survive: this mode barely acts.
 * ``update``: the optimizer's whole step, decoupled weight decay included, is scaled:
-  θ ← θ_old + s ⊙ (θ_new − θ_old), i.e. a per-element learning rate. For Adam/AdamW θ_old is
-  recovered exactly from the optimizer state (no copy of the weights); other optimizers snapshot
-  the gated weights before the step.
+  θ ← θ_old + s ⊙ (θ_new − θ_old), i.e. a per-element learning rate. For Adam/AdamW the step
+  θ_old − θ_new is recomputed from the optimizer state (up to float rounding; no copy of the
+  weights is kept); other optimizers snapshot the gated weights before the step.
 
 The gate is kept in ``gate_dtype`` (bf16 by default: half a copy of the gated weights; its
 rounding error, ≤ 2⁻⁹ relative, is far below any meaningful difference in protection).
@@ -88,12 +88,14 @@ class AGFT(Method):
             if tuple(param.shape) != tuple(rbar.shape):
                 raise AglclError(f"importance map for '{name}' has shape {tuple(rbar.shape)}, "
                                  f"the parameter {tuple(param.shape)}")
-            gate = self.gate(rbar).to(param.device, self.gate_dtype)
+            gate = self.gate(rbar)
             if param.requires_grad:
-                self._gates.append((param, gate))
+                # grad mode multiplies g by s; update mode removes (1 − s) of the step
+                factor = gate if self.mode == "grad" else 1.0 - gate
+                self._gates.append((param, factor.to(param.device, self.gate_dtype)))
             elif name in lora:  # a frozen base weight under LoRA: gate its delta (aglcl.methods.lora_gate)
                 merge_and_reset(lora[name])
-                install_gate(lora[name], gate)
+                install_gate(lora[name], gate.to(param.device, self.gate_dtype))
 
     def after_backward(self, model) -> None:
         if self.mode == "grad":
@@ -105,19 +107,19 @@ class AGFT(Method):
         if self.mode == "update" and self._gates and _adam_groups(optimizer) is None:
             self._snapshots = [param.detach().clone() for param, _ in self._gates]
 
+    @torch.no_grad()
     def after_step(self, model, optimizer) -> None:
+        """θ ← θ_new − (1 − s) ⊙ (θ_new − θ_old): the step shrunk element-wise, weight decay included."""
         if self.mode != "update" or not self._gates:
             return
-        with torch.no_grad():
-            if self._snapshots is not None:
-                for (param, gate), old in zip(self._gates, self._snapshots):
-                    param.copy_(torch.lerp(old, param, gate.to(param.dtype)))
-                self._snapshots = None
-                return
-            groups = _adam_groups(optimizer)
-            for param, gate in self._gates:
-                old = _adam_previous(param, groups[param], optimizer_state(optimizer)[param])
-                param.copy_(torch.lerp(old, param, gate.to(param.dtype)))
+        if self._snapshots is not None:  # generic optimizer: θ_old was copied in before_step
+            for (param, held), old in zip(self._gates, self._snapshots):
+                param.add_(old.sub_(param).mul_(held))
+            self._snapshots = None
+            return
+        groups, state = _adam_groups(optimizer), optimizer_state(optimizer)
+        for param, held in self._gates:
+            param.addcmul_(_adam_step(param, groups[param], state[param]), held)
 
     # -- helpers ------------------------------------------------------------------------------------
     def gate(self, rbar: torch.Tensor) -> torch.Tensor:
@@ -128,11 +130,12 @@ class AGFT(Method):
         return s
 
     def mean_gate(self) -> float | None:
-        """Average gate over the gated weights (for the 'seqft with lr × mean gate' control)."""
+        """Average gate s over the gated weights."""
         if not self._gates:
             return None
         total = sum(float(g.float().sum()) for _, g in self._gates)
-        return total / sum(g.numel() for _, g in self._gates)
+        mean = total / sum(g.numel() for _, g in self._gates)
+        return mean if self.mode == "grad" else 1.0 - mean
 
 
 def _unwrapped(name: str, params: dict) -> str:
@@ -161,17 +164,20 @@ def _adam_groups(optimizer) -> dict | None:
     return groups
 
 
-def _adam_previous(param, group, state) -> torch.Tensor:
-    """θ before the last Adam/AdamW step, recovered from θ after it and the optimizer state.
+def _adam_step(param, group, state) -> torch.Tensor:
+    """θ_old − θ_new of the last Adam/AdamW step, recovered from θ_new and the optimizer state.
 
-    AdamW: θ' = θ(1 − lr·wd) − (lr / bc1) · m / (√v / √bc2 + ε)  ⇒  θ = (θ' + (lr / bc1)·m/denom) / (1 − lr·wd)
-    (Adam's L2 weight decay lives inside m, so there wd does not appear here.)
+    AdamW: θ_new = θ_old(1 − lr·wd) − a, with a = (lr / bc1) · m / (√v / √bc2 + ε); hence
+    θ_old − θ_new = (a + lr·wd·θ_new) / (1 − lr·wd). Adam's L2 decay lives inside m (no wd term here).
+    One temporary of the parameter's size; no copy of the weights is kept between steps.
     """
     beta1, beta2 = group["betas"]
     lr, eps = float(group["lr"]), group["eps"]
     step = float(state["step"])
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    denom = state["exp_avg_sq"].sqrt().div_(math.sqrt(bc2)).add_(eps)
-    old = torch.addcdiv(param, state["exp_avg"], denom, value=lr / bc1)
+    t = state["exp_avg_sq"].sqrt().div_(math.sqrt(bc2)).add_(eps)
+    t = torch.div(state["exp_avg"], t, out=t).mul_(lr / bc1)
     wd = group["weight_decay"] if group.get("decoupled_weight_decay") else 0.0
-    return old.div_(1 - lr * wd) if wd else old
+    if wd:
+        t.add_(param, alpha=lr * wd).div_(1 - lr * wd)
+    return t
