@@ -84,3 +84,14 @@ def test_restore_reads_the_maps_and_refuses_a_mismatched_model(agft_run):
     other, _ = build_tiny(hidden_size=32)
     with pytest.raises(AglclError, match="shape"):
         Attribution(GradXWeight()).restore(run, other, completed=2)
+
+
+def test_agft_with_lora_gates_the_weight_space_delta(agft_run, tmp_path):
+    _, conf, _ = agft_run
+    run = tmp_path / "run"
+    proc = run_cli("train", *tiny_overrides(conf, run), "peft=lora", "method=agft",
+                   "attribution.estimator.correct_only=false", "peft.target_modules=[q_proj,v_proj]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    maps, _ = store.load_map(run / "importance" / "combined.safetensors")
+    assert any(name.endswith("q_proj.base_layer.weight") for name in maps)
+    assert not any("lora_" in name for name in maps)

@@ -18,4 +18,4 @@ from aglcl.paths import conf_dir
 def main(cfg) -> float:
     from aglcl.engine.runner import run_train
 
-    return run_train(cfg)["metrics"]["op"]  # the objective a sweeper (e.g. Optuna) maximises
+    return run_train(cfg)["metrics"].get("op")  # the objective a sweeper (e.g. Optuna) maximises

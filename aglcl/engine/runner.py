@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from aglcl.engine import rundir
+from aglcl.engine import checkpoint, rundir
 from aglcl.engine.loop import encode_split, train_task
 from aglcl.errors import AglclError
 
@@ -112,21 +112,36 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir))
+    state = checkpoint.read_state(run_dir, [t.name for t in tasks]) if cfg.get("resume") else None
+    if state is not None:
+        checkpoint.load(run_dir, model, method)
     model = accelerator.prepare(model)
     if log_with:
         accelerator.init_trackers("aglcl")
     names = [t.name for t in tasks]
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
+    save_every_task = bool(cfg.get("checkpoint", {}).get("every_task", False))
+    stop_after = cfg.get("stop_after")
+
+    if state is None:
+        first, R, stats = 0, [], {}
+        timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
+        start = time.perf_counter()
+        b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
+        timings["eval_s"] += time.perf_counter() - start
+    else:
+        first, R, b, stats, timings = state["next_task"], state["R"], state["b"], state["train"], state["timings"]
+        wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
+        maps = attribution.restore(run_dir, model, first) if attribution is not None else None
+        if maps is not None:
+            method.set_importance(maps)
+        log.info("resuming %s after task %d (%s)", run_dir, first, names[first - 1])
     log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
 
-    timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
-    start = time.perf_counter()
-    b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
-    timings["eval_s"] += time.perf_counter() - start
-    R: list[list[float]] = []
-    stats = {}
     with _progress(console) as progress:
-        for index, task in enumerate(tasks):
+        for index in range(first, len(tasks)):
+            task = tasks[index]
+            set_seed(trainer.seed + index)  # per task, so a resumed run draws what an unbroken one would
             if attribution is not None:
                 attribution.before_task(model)
             method.before_task(index, task, model)
@@ -143,10 +158,17 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                                   tokenizer.pad_token_id, run_dir)
                 timings["attribution_s"][task.name] = time.perf_counter() - start
                 method.set_importance(combined)
+            if save_every_task and index + 1 < len(tasks):
+                checkpoint.save(run_dir, accelerator.unwrap_model(model), method)
+            timings["wall_s"] = time.perf_counter() - wall
             rundir.write_json(run_dir / rundir.STATE, {
-                "next_task": index + 1, "completed": names[: index + 1], "order": names,
-                "R": R, "b": b, "done": index + 1 == len(tasks)})
+                "next_task": index + 1, "completed": names[: index + 1], "order": names, "R": R, "b": b,
+                "done": index + 1 == len(tasks), "checkpoint": save_every_task, "train": stats, "timings": timings})
             log.info("after %s: %s", task.name, "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
+            if stop_after and index + 1 >= stop_after and index + 1 < len(tasks):
+                log.info("stop_after=%d: stopping; continue with resume=true", stop_after)
+                AcceleratorState._reset_state(True)
+                return {"tasks": names, "R": R, "b": b, "metrics": {}, "stopped_after": index + 1}
 
     metrics = compute_all(R, b)
     timings["wall_s"] = time.perf_counter() - wall
