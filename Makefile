@@ -42,6 +42,10 @@ run: data  ## run the embedded default experiment offline (aglcl train)
 test: $(DEV)  ## run the test suite (slow tests included)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+bench: data  ## the benchmark scripts (throughput vs HF Trainer; AGFT overhead, attribution time, memory)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_train_throughput.py
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_agft.py
+
 lint: $(DEV)  ## ruff
 	$(BIN)/ruff check aglcl tests scripts
 

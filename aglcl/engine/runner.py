@@ -103,6 +103,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if getattr(method, "needs_importance", False) and attribution is None:
         raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
                          f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
+    state = checkpoint.read_state(run_dir, [t.name for t in tasks]) if cfg.get("resume") else None
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
@@ -112,7 +113,6 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir))
-    state = checkpoint.read_state(run_dir, [t.name for t in tasks]) if cfg.get("resume") else None
     if state is not None:
         checkpoint.load(run_dir, model, method)
     model = accelerator.prepare(model)
