@@ -145,7 +145,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             if attribution is not None:
                 attribution.before_task(model)
             method.before_task(index, task, model)
-            stats[task.name] = train_task(model, tokenizer, encoded[task.name], method, trainer, accelerator,
+            examples = method.train_examples(index, task, encoded[task.name])
+            stats[task.name] = train_task(model, tokenizer, examples, method, trainer, accelerator,
                                           progress, task=task.name, step_offset=index * 10**6)
             timings["train_s"][task.name] = stats[task.name]["train_s"]
             start = time.perf_counter()

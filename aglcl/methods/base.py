@@ -3,6 +3,7 @@
 The runner calls, in order, for each task ``t`` of the sequence::
 
     before_task(t, task, model)                 # e.g. snapshot weights, build masks
+    train_examples(t, task, examples)           # e.g. mix in a replay buffer, or the union of tasks so far
     for each optimizer step:
         loss(model, batch, outputs)   (per micro-batch)   # add penalties / distillation terms
         after_backward(model)         (once per step, after accumulation and sync, before clipping)
@@ -27,6 +28,10 @@ class Method:
 
     def before_task(self, index: int, task: Any, model: Any) -> None:
         """Called before training task ``index`` (0-based)."""
+
+    def train_examples(self, index: int, task: Any, examples: list[dict]) -> list[dict]:
+        """The encoded examples task ``index`` trains on; default: the task's own."""
+        return examples
 
     def loss(self, model: Any, batch: dict, outputs: Any):
         """The loss to back-propagate for one micro-batch; default: the LM loss on answer tokens."""
