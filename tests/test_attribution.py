@@ -247,12 +247,12 @@ def test_validation_errors(kwargs, key):
     with pytest.raises(AglclError) as err:
         GradXWeight(**kwargs)
     message = str(err.value)
-    assert f"attribution.{key}" in message and "\n" not in message
+    assert f"attribution.estimator.{key}" in message and "\n" not in message
     if key == "reduction":
         assert "'max', 'mean', 'topk_mean'" in message
-    with pytest.raises(AglclError, match="attribution.steps"):
+    with pytest.raises(AglclError, match="attribution.estimator.steps"):
         IntegratedGradients(steps=0)
-    with pytest.raises(AglclError, match="attribution.epsilon"):
+    with pytest.raises(AglclError, match="attribution.estimator.epsilon"):
         LRP(epsilon=-1.0)
 
 

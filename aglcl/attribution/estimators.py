@@ -51,13 +51,13 @@ REDUCTIONS = ("mean", "max", "topk_mean")
 
 def _choice(key: str, value, options) -> None:
     if value not in options:
-        raise AglclError(f"attribution.{key}={value!r} is not valid; choose from {choices(options)}")
+        raise AglclError(f"attribution.estimator.{key}={value!r} is not valid; choose from {choices(options)}")
 
 
 def _at_least(key: str, value, minimum, integer: bool = True) -> None:
     kinds = int if integer else (int, float)
     if not isinstance(value, kinds) or isinstance(value, bool) or value < minimum:
-        raise AglclError(f"attribution.{key}={value!r} must be {'an integer' if integer else 'a number'} "
+        raise AglclError(f"attribution.estimator.{key}={value!r} must be {'an integer' if integer else 'a number'} "
                          f">= {minimum}")
 
 

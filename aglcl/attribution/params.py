@@ -44,9 +44,9 @@ def check_groups(include) -> tuple[str, ...]:
     groups = (include,) if isinstance(include, str) else tuple(include)
     for group in groups:
         if group not in GROUPS:
-            raise AglclError(f"unknown attribution.include group {group!r}; valid groups: {choices(GROUPS)}")
+            raise AglclError(f"unknown attribution.estimator.include group {group!r}; valid groups: {choices(GROUPS)}")
     if not groups:
-        raise AglclError(f"attribution.include is empty; choose from {choices(GROUPS)}")
+        raise AglclError(f"attribution.estimator.include is empty; choose from {choices(GROUPS)}")
     return groups
 
 
@@ -69,7 +69,7 @@ def select_params(model, include=("attn", "mlp")) -> dict[str, torch.nn.Paramete
         if param.is_floating_point() and any(_in_group(g, name, param) for g in groups)
     }
     if not selected:
-        raise AglclError(f"attribution.include={list(groups)} matches no parameter of {type(model).__name__}; "
+        raise AglclError(f"attribution.estimator.include={list(groups)} matches no parameter of {type(model).__name__}; "
                          f"the groups expect Llama-style (q_proj, gate_proj, ...) or GPT-2-style (c_attn, c_fc, ...) "
                          f"names")
     return selected
