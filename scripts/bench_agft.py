@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -94,13 +96,18 @@ def main() -> None:
     task_seconds = base / args.steps * args.task_steps
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for name in args.estimators.split(","):
-            est = instantiate(compose("train", overrides=[f"attribution={name}"]).attribution.estimator)
-            est.before_task(model)
+            pipeline = instantiate(compose("train", overrides=[f"attribution={name}"]).attribution)
+            pipeline.before_task(model)
             start = time.perf_counter()
-            est(model, data, tok.pad_token_id)
+            pipeline.estimator(model, data, tok.pad_token_id)
             sec = time.perf_counter() - start
-            print(f"attribution {name:<14} {sec:6.2f} s = {sec / task_seconds:.1%} of a {args.task_steps}-step task "
-                  f"({task_seconds:.1f} s)")
+            with tempfile.TemporaryDirectory() as run_dir:  # the whole step: estimate, normalise, combine, store
+                pipeline.after_task(1, "a", model, data, tok.pad_token_id, Path(run_dir))
+                start = time.perf_counter()
+                pipeline.after_task(2, "b", model, data, tok.pad_token_id, Path(run_dir))
+                full = time.perf_counter() - start
+            print(f"attribution {name:<14} estimator {sec:6.2f} s = {sec / task_seconds:.1%}, whole step "
+                  f"{full:6.2f} s = {full / task_seconds:.1%} of a {args.task_steps}-step task ({task_seconds:.1f} s)")
 
 
 if __name__ == "__main__":
