@@ -100,3 +100,11 @@ def test_ls_lists_groups_and_runs(trained):
     assert proc.returncode == 0, proc.stderr
     assert "method" in proc.stdout and "seqft" in proc.stdout
     assert "run" in proc.stdout
+
+
+def test_tensorboard_logger_writes_event_files(trained, tmp_path):
+    _, conf, _ = trained
+    run = tmp_path / "run"
+    proc = run_cli("train", *tiny_overrides(conf, run), "logger=tensorboard", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
