@@ -86,8 +86,9 @@ def test_every_yaml_starts_with_a_command_comment():
         assert lines and lines[0].startswith("# aglcl") or lines[0].startswith("# A task"), path
 
 
-def test_default_experiment_is_offline_seqft_on_three_tasks():
+def test_default_experiment_is_offline_agft_on_three_tasks():
     cfg = _compose("train")
     assert cfg.model.name_or_path.startswith("packaged://")
+    assert cfg.method._target_.endswith("AGFT") and cfg.attribution.estimator._target_.endswith("LRP")
     assert len(cfg.sequence.order) >= 3
     assert set(cfg.sequence.order) <= set(cfg.sequence.tasks)

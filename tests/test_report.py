@@ -84,7 +84,7 @@ def test_tables():
     text = _render(metrics_table({"op": 0.6, "fwt": None}))
     assert "0.6000" in text and "n/a" in text
     text = _render(sweep_table([{"overrides": "method=seqft", "n": 2, "op": (0.6, 0.1)}], ["op", "bwt"]))
-    assert "0.6000 ± 0.1000" in text and "n/a" in text
+    assert "0.600 ± 0.100" in text and "n/a" in text
 
 
 def test_heatmap(tmp_path):

@@ -27,10 +27,27 @@ def _enabled(node) -> bool:
     return node is not None and node.get("_target_") is not None
 
 
+def _reset_peak_mem() -> None:
+    """Start a fresh peak-memory count for this run (multirun jobs share one process)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set
+    except OSError:
+        pass
+
+
 def _peak_mem_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or on CPU the peak resident set since :func:`_reset_peak_mem`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; process-wide peak
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-lifetime peak (KiB on Linux)
 
 
 def _versions() -> dict:
@@ -87,6 +104,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     from aglcl.report.tables import matrix_table, metrics_table
 
     wall = time.perf_counter()
+    _reset_peak_mem()
     hf_logging.disable_progress_bar()
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig

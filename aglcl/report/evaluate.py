@@ -56,12 +56,15 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
         out_dir = HydraConfig.get().runtime.output_dir
     out_dir = Path(out_dir)
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=160)  # logs and CI: no truncated tables
     key, value = chosen[0], Path(cfg[chosen[0]])
     if key == "sweep_dir":
         from aglcl.report.sweep import METRICS, TIMINGS, aggregate_sweep, write_sweep_csv
 
         rows = aggregate_sweep(value)
+        common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
+        for r in rows:  # label rows by what differs between them
+            r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common) or "(base)"
         keys = [k for k in (*METRICS, *TIMINGS) if any(k in r for r in rows)]
         console.print(tables.sweep_table(rows, keys, title=f"Sweep {value}"))
         write_sweep_csv(rows, out_dir / "sweep.csv")

@@ -45,14 +45,15 @@ def metrics_table(metrics: dict, title: str = "Continual-learning metrics") -> T
 def sweep_table(rows, metric_keys, title: str = "Sweep") -> Table:
     """One row per override group: ``overrides``, ``n``, then ``mean ± std`` per metric key."""
     table = Table(title=title)
-    table.add_column("overrides", style="bold")
+    table.add_column("overrides", style="bold", no_wrap=True)
     table.add_column("n", justify="right")
     for key in metric_keys:
-        table.add_column(str(key), justify="right")
+        table.add_column(str(key), justify="right", no_wrap=True)
     for row in rows:
         cells = []
         for key in metric_keys:
             mean, std = row.get(key) or (None, None)
-            cells.append("n/a" if mean is None else f"{_fmt(mean)} ± {_fmt(std)}")
+            digits = 0 if key in ("wall_s", "peak_mem_mb") else 3  # seconds and MiB need no decimals
+            cells.append("n/a" if mean is None else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}")
         table.add_row(str(row.get("overrides", "")), str(row.get("n", "")), *cells)
     return table
