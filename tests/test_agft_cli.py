@@ -16,7 +16,8 @@ def agft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("agft")
     conf = make_fixture_conf(root)
     run = root / "run"
-    proc = run_cli("train", *tiny_overrides(conf, run), "method=agft", "attribution.after_last=true",
+    proc = run_cli("train", *tiny_overrides(conf, run), "method=agft", "attribution=grad_x_weight",
+                   "attribution.after_last=true",
                    "attribution.estimator.correct_only=false", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, conf, run
