@@ -41,8 +41,8 @@ import torch
 from aglcl.attribution.lrp import lrp_rules
 from aglcl.attribution.params import check_groups, select_params
 from aglcl.data.collate import IGNORE, collate
+from aglcl.engine.loop import answer_logits
 from aglcl.errors import AglclError, choices
-from aglcl.models.compat import accepts
 
 TARGETS = ("predicted_logit", "gold_logprob")
 TRANSFORMS = ("none", "log1p")
@@ -202,14 +202,8 @@ class Estimator:
     def _logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 logits ``[B, K, V]`` at the K positions that predict an answer token, and the gold ids
         ``[B, K]`` (``-100`` where a row has no answer token there)."""
-        targets = batch["labels"][:, 1:]
-        keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if accepts(model, "logits_to_keep"):
-            logits = model(**inputs, logits_to_keep=keep).logits
-        else:
-            logits = model(**inputs).logits[:, :-1][:, keep]
-        return logits.float(), targets[:, keep]
+        _, logits, gold = answer_logits(model, batch)
+        return logits.float(), gold
 
     @staticmethod
     def _select(logits, gold, correct_only: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,21 +28,28 @@ def _batches(loader):
         yield from loader
 
 
-def lm_forward(model, batch: dict):
-    """Forward pass whose ``.loss`` is the mean cross-entropy on answer tokens.
+def answer_logits(model, batch: dict):
+    """``(outputs, logits [B, K, V], gold [B, K])`` at the K positions that predict an answer token.
 
-    Only positions that predict an answer token go through the LM head (``logits_to_keep``), which
-    skips most of the vocabulary projection and its softmax for prompt-heavy tasks. Models whose
-    forward lacks ``logits_to_keep`` fall back to the library's own loss.
+    Only those positions go through the LM head (``logits_to_keep``) when the model accepts it, which
+    skips most of the vocabulary projection for prompt-heavy tasks; else the full logits are sliced.
+    ``gold`` is -100 where a row has no answer token at that position.
     """
-    if not accepts(model, "logits_to_keep"):
-        return model(**batch)
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
-    logits = out.logits.float()
-    out.loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, keep].reshape(-1),
-                               ignore_index=IGNORE)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if accepts(model, "logits_to_keep"):
+        out = model(**inputs, logits_to_keep=keep)
+        return out, out.logits, targets[:, keep]
+    out = model(**inputs)
+    return out, out.logits[:, :-1][:, keep], targets[:, keep]
+
+
+def lm_forward(model, batch: dict):
+    """Forward pass whose ``.loss`` is the mean cross-entropy on answer tokens (see :func:`answer_logits`)."""
+    out, logits, gold = answer_logits(model, batch)
+    logits = logits.float()
+    out.loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), gold.reshape(-1), ignore_index=IGNORE)
     return out
 
 

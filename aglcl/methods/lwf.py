@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from aglcl.data.collate import IGNORE
+from aglcl.engine import loop
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
-from aglcl.models.compat import accepts
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float):
@@ -39,15 +39,9 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
 
 def answer_logits(model, batch: dict):
     """Logits at the answer-predicting positions ``[B, K, V]`` and their mask ``[B, K]``, as ``lm_forward``
-    selects them (``logits_to_keep`` when the model accepts it, else a slice of the full logits)."""
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if accepts(model, "logits_to_keep"):
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, :-1][:, keep]
-    return logits, targets[:, keep] != IGNORE
+    selects them (:func:`aglcl.engine.loop.answer_logits`)."""
+    _, logits, gold = loop.answer_logits(model, batch)
+    return logits, gold != IGNORE
 
 
 class LwF(Method):
