@@ -68,11 +68,12 @@ class Attribution:
         path = store.combined_path(run_dir)
         if completed == 0 or not path.is_file():
             return None
-        expect = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        maps, meta = store.load_map(path, expect=None)
-        missing = [n for n in maps if n not in expect]
-        if missing:
-            raise AglclError(f"{path} names {len(missing)} parameters the model lacks, e.g. '{missing[0]}'")
-        maps, _ = store.load_map(path, expect={n: expect[n] for n in maps})
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        maps, meta = store.load_map(path)  # the map covers a subset of the parameters: check that subset
+        for name, value in maps.items():
+            if name not in shapes:
+                raise AglclError(f"{path} names parameter '{name}', which the model lacks")
+            if tuple(value.shape) != shapes[name]:
+                raise AglclError(f"{path}: '{name}' has shape {tuple(value.shape)}, the model's {shapes[name]}")
         self.combined, self.count = maps, int(meta.get("tasks", completed))
         return maps
