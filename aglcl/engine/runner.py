@@ -131,6 +131,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir))
+    model = method.setup(model, len(tasks), state["next_task"] if state is not None else 0)
     if state is not None:
         checkpoint.load(run_dir, model, method)
     model = accelerator.prepare(model)

@@ -1,6 +1,8 @@
 """The hook vocabulary every continual-learning method implements.
 
-The runner calls, in order, for each task ``t`` of the sequence::
+The runner calls ``model = setup(model, num_tasks, first)`` once, after building (and PEFT-wrapping) the
+model and before a resume restores its weights (``first`` is the task index training starts at). Then,
+for each task ``t`` of the sequence::
 
     before_task(t, task, model)                 # e.g. snapshot weights, build masks
     train_examples(t, task, examples)           # e.g. mix in a replay buffer, or the union of tasks so far
@@ -25,6 +27,16 @@ class Method:
     """No-op hooks (sequential fine-tuning). Subclass and override what your method needs."""
 
     name = "method"
+    num_tasks: int | None = None  # set by setup()
+
+    def setup(self, model: Any, num_tasks: int, first: int) -> Any:
+        """Called once before training; returns the model to train (e.g. with adapters added).
+
+        ``num_tasks`` is the sequence length, ``first`` the task index training starts at (> 0 when
+        resuming: re-create any structure tasks ``0 .. first-1`` added, so the checkpoint loads into it).
+        """
+        self.num_tasks = num_tasks
+        return model
 
     def before_task(self, index: int, task: Any, model: Any) -> None:
         """Called before training task ``index`` (0-based)."""

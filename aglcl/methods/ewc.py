@@ -75,7 +75,12 @@ class EWC(Method):
         return 0.5 * self.lam * total
 
     def after_task(self, index, task, model, data) -> None:
-        """Estimate F on the task's training examples and record θ* (combined with the old pair if online)."""
+        """Estimate F on the task's training examples and record θ* (combined with the old pair if online).
+
+        Skipped after the last task of the sequence: nothing trains after it.
+        """
+        if self.num_tasks is not None and index + 1 >= self.num_tasks:
+            return
         try:
             fisher = self.fisher(model, data, _pad_id(model))
         except AglclError as exc:
