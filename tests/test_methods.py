@@ -63,7 +63,7 @@ def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, ex
 
     proc = run_cli("train", *tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (split / "checkpoint" / "method.safetensors").is_file() == has_state
+    assert (split / "checkpoint" / "task_1" / "method.safetensors").is_file() == has_state
     proc = run_cli("train", *tiny_overrides(conf, split), *args, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = _results(split)

@@ -22,7 +22,7 @@ def test_stop_then_resume_equals_an_unbroken_run(conf, tmp_path, method):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (split / "results.json").exists()
     assert json.loads((split / "state.json").read_text())["next_task"] == 1
-    assert (split / "checkpoint" / "model.safetensors").is_file()
+    assert (split / "checkpoint" / "task_1" / "model.safetensors").is_file()
     proc = run_cli("train", *tiny_overrides(conf, split), *method, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, split))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aglcl.errors import AglclError, choices
 
 PRECISIONS = ("bf16", "fp16", "no")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class TrainerConfig:
     max_length: int = 128
     eval_batch_size: int = 16
     log_every: int = 5
+    nan_policy: str = "stop"
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -44,6 +46,8 @@ class TrainerConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         if self.precision not in PRECISIONS:
             raise AglclError(f"trainer.precision={self.precision!r} is invalid; choose from: {choices(PRECISIONS)}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise AglclError(f"trainer.nan_policy={self.nan_policy!r} is invalid; choose from: {choices(NAN_POLICIES)}")
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]

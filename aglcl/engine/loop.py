@@ -2,7 +2,7 @@
 
 Read it top to bottom: each optimizer step accumulates ``grad_accum`` micro-batches, then calls
 ``method.after_backward`` exactly once (gradients are final here, so a gate never compounds),
-clips, steps, and calls ``method.after_step``.
+clips, checks the loss and gradient norm are finite, steps, and calls ``method.after_step``.
 """
 
 from __future__ import annotations
@@ -65,8 +65,18 @@ def encode_split(tokenizer, examples: list[dict], answer_prefix: str, max_length
 
 
 def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, progress=None, *, task: str,
-               step_offset: int = 0) -> dict:
-    """Train on ``encoded`` examples; returns ``{"steps", "loss", "train_s", "tokens_per_s"}``."""
+               step_offset: int = 0, checkpoint_every: int = 0, save_checkpoint=None, resume_from=None) -> dict:
+    """Train on ``encoded`` examples; returns ``{"steps", "loss", "train_s", "tokens_per_s", "skipped_steps"}``.
+
+    Every ``checkpoint_every`` optimizer steps, ``save_checkpoint(step, optimizer, scheduler, loop_state)`` is
+    called; ``resume_from`` (a directory such a call wrote) continues from there: weights, optimizer,
+    scheduler and RNG state are restored and the batches already consumed are skipped, so the run goes on
+    exactly as an unbroken one would. A non-finite loss or gradient norm stops the task before the step is
+    applied (``cfg.nan_policy=stop``) or skips that step (``skip``).
+    """
+    from aglcl.engine import checkpoint
+    from aglcl.errors import AglclError
+
     generator = torch.Generator().manual_seed(cfg.seed + step_offset)
     loader = DataLoader(encoded, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
@@ -79,13 +89,23 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
-    bar = progress.add_task(f"train {task}", total=steps, loss=float("nan"), tps=0.0) if progress else None
+    batches = _batches(loader)
+    done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
+    running = torch.zeros((), device=accelerator.device)
+    if resume_from is not None:
+        checkpoint.load_weights(resume_from, accelerator.unwrap_model(model))
+        saved = checkpoint.load_step(resume_from, optimizer, scheduler)
+        done, tokens, last, skipped, elapsed = (saved[k] for k in ("step", "tokens", "last", "skipped", "train_s"))
+        running.fill_(saved["running"])
+        for _ in range(done * cfg.grad_accum):  # the loader's own generator replays the same order
+            next(batches)
+        log.info("resuming task %s at step %d/%d", task, done, steps)
+    bar = progress.add_task(f"train {task}", total=steps, completed=done, loss=last, tps=0.0) if progress else None
 
     model.train()
-    batches = _batches(loader)
-    tokens, running, last = 0, torch.zeros((), device=accelerator.device), float("nan")
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
+    start = time.perf_counter() - elapsed
+    for step in range(done + 1, steps + 1):
+        step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = next(batches)
             sync = micro == cfg.grad_accum - 1
@@ -93,31 +113,47 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
                 outputs = lm_forward(model, batch)
                 loss = method.loss(model, batch, outputs)
                 accelerator.backward(loss / cfg.grad_accum)
-            running += loss.detach() / cfg.grad_accum
+            step_loss += loss.detach() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
         method.after_backward(model)
         if cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        method.before_step(model, optimizer)
-        optimizer.step()
-        method.after_step(model, optimizer)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not bool(torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(norm))):  # one sync per step
+            if cfg.nan_policy == "stop":
+                raise AglclError(f"non-finite loss or gradient at step {step} of task '{task}' (loss "
+                                 f"{step_loss.item():.4g}); stopped before applying it, the run dir keeps the last "
+                                 f"checkpoint; lower trainer.lr, or set trainer.nan_policy=skip")
+            skipped += 1
+            log.warning("skipping step %d of task %s: non-finite loss %.4g or gradient", step, task,
+                        step_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        else:
+            method.before_step(model, optimizer)
+            optimizer.step()
+            method.after_step(model, optimizer)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += step_loss
         if step % cfg.log_every == 0 or step == steps:
-            last = running.item() / (cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every))
+            window = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
+            last = running.item() / window
             running.zero_()
             tps = tokens / max(time.perf_counter() - start, 1e-9)
-            if not math.isfinite(last):
-                from aglcl.errors import AglclError
-
-                raise AglclError(f"non-finite loss {last} at step {step} of task '{task}'; lower trainer.lr")
             accelerator.log({f"train/{task}/loss": last, "train/tokens_per_s": tps}, step=step_offset + step)
             if bar is not None:
                 progress.update(bar, completed=step, loss=last, tps=tps)
             else:  # non-interactive (CI, log files, multirun launchers): plain log lines
                 log.info("train %s step %d/%d loss %.4f %.0f tok/s", task, step, steps, last, tps)
+        if checkpoint_every and save_checkpoint is not None and step % checkpoint_every == 0:
+            save_checkpoint(step, optimizer, scheduler, {
+                "tokens": tokens, "last": last, "skipped": skipped, "running": running.item(),
+                "train_s": time.perf_counter() - start})
     train_s = time.perf_counter() - start
     if bar is not None:
         progress.update(bar, completed=steps)
     _release(accelerator, optimizer, scheduler, loader)
-    return {"steps": steps, "loss": last, "train_s": train_s, "tokens_per_s": tokens / max(train_s, 1e-9)}
+    return {"steps": steps, "loss": last, "train_s": train_s, "tokens_per_s": tokens / max(train_s, 1e-9),
+            "skipped_steps": skipped}

@@ -88,6 +88,20 @@ def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_
     return row
 
 
+def _plain_config(cfg: DictConfig) -> dict:
+    """The resolved config without ``hydra`` and ``paths`` (machine-specific; ``paths.output_dir`` needs Hydra's
+    runtime): stored as ``config.json`` and compared on resume. Interpolations into ``paths`` still resolve."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in cfg:
+        if key in ("hydra", "paths"):
+            continue
+        value = cfg[key]
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
+
+
 def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Run the whole sequence; returns the content of ``results.json``."""
     from accelerate import Accelerator
@@ -116,12 +130,23 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # Everything that can fail on user input is built before the first write.
     trainer = instantiate(cfg.trainer)
     tasks = load_sequence(cfg.sequence, cfg.get("limit"), cfg.get("data_seed", 0))
+    names = [t.name for t in tasks]
     method = instantiate(cfg.method)
     attribution = instantiate(cfg.attribution) if _enabled(cfg.get("attribution")) else None
     if getattr(method, "needs_importance", False) and attribution is None:
         raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
                          f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
-    state = checkpoint.read_state(run_dir, [t.name for t in tasks]) if cfg.get("resume") else None
+    ckpt_cfg = cfg.get("checkpoint") or {}
+    every_steps = int(ckpt_cfg.get("every_steps") or 0)
+    if every_steps < 0:
+        raise AglclError(f"checkpoint.every_steps={every_steps} is invalid: must be >= 1, or 0/null (off)")
+    save_every_task = bool(ckpt_cfg.get("every_task", False)) or every_steps > 0
+    resume = cfg.get("resume", False)
+    if resume not in checkpoint.RESUME_MODES:
+        raise AglclError(f"resume={resume!r} is invalid; choose from: false, true, force")
+    config = _plain_config(cfg)
+    state = checkpoint.read_state(run_dir, names, config, force=resume == "force") if resume else None
+    first = state["next_task"] if state is not None else 0
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
@@ -131,30 +156,48 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir))
-    model = method.setup(model, len(tasks), state["next_task"] if state is not None else 0)
-    if state is not None:
-        checkpoint.load(run_dir, model, method)
+    model = method.setup(model, len(tasks), first)
+    task_ckpt = state.get("checkpoint") if state is not None else None
+    if isinstance(task_ckpt, str):
+        checkpoint.load_weights(run_dir / task_ckpt, model)
+        checkpoint.load_method(run_dir / task_ckpt, method)
     model = accelerator.prepare(model)
     if log_with:
         accelerator.init_trackers("aglcl")
-    names = [t.name for t in tasks]
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
-    save_every_task = bool(cfg.get("checkpoint", {}).get("every_task", False))
     stop_after = cfg.get("stop_after")
 
     if state is None:
-        first, R, stats = 0, [], {}
+        R, stats = [], {}
         timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
+        checkpoint.write_config(run_dir, config)
         start = time.perf_counter()
         b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
         timings["eval_s"] += time.perf_counter() - start
     else:
-        first, R, b, stats, timings = state["next_task"], state["R"], state["b"], state["train"], state["timings"]
+        R, b, stats, timings = state["R"], state["b"], state["train"], state["timings"]
         wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
-        maps = attribution.restore(run_dir, model, first) if attribution is not None else None
-        if maps is not None:
-            method.set_importance(maps)
-        log.info("resuming %s after task %d (%s)", run_dir, first, names[first - 1])
+        for stale in run_dir.rglob(".*.tmp"):  # temp files of writes a kill interrupted (rundir.atomic_write)
+            stale.unlink(missing_ok=True)
+        if attribution is not None and isinstance(task_ckpt, str):
+            maps = attribution.restore(run_dir, model, first, path=run_dir / task_ckpt / checkpoint.IMPORTANCE)
+            if maps is not None:
+                method.set_importance(maps)
+        where = f"step {state['step_checkpoint'].rsplit('_', 1)[-1]} of " if state.get("step_checkpoint") else "the start of "
+        log.info("resuming %s at %stask %d (%s)", run_dir, where, first + 1, names[first])
+
+    def write_state(next_task: int, step_ckpt: str | None = None) -> None:
+        """Point ``state.json`` at the newest checkpoints, then delete the ones it no longer names."""
+        timings["wall_s"] = time.perf_counter() - wall
+        rundir.write_json(run_dir / rundir.STATE, {
+            "next_task": next_task, "completed": names[:next_task], "order": names, "R": R, "b": b,
+            "done": next_task == len(tasks), "checkpoint": task_ckpt, "step_checkpoint": step_ckpt,
+            "train": stats, "timings": timings})
+        if save_every_task:
+            checkpoint.prune(run_dir, [task_ckpt, step_ckpt])
+
+    if state is None and save_every_task:
+        write_state(0)  # b is known: a crash during the first task resumes from here
     log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
 
     with _progress(console) as progress:
@@ -165,8 +208,20 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 attribution.before_task(model)
             method.before_task(index, task, model)
             examples = method.train_examples(index, task, encoded[task.name])
+            resume_from = None
+            if state is not None and index == first and state.get("step_checkpoint"):
+                resume_from = run_dir / state["step_checkpoint"]
+
+            bare = accelerator.unwrap_model(model)
+
+            def save_step(step, optimizer, scheduler, loop_state, index=index, bare=bare):
+                rel = checkpoint.save_step(run_dir, index, step, bare, optimizer, scheduler, loop_state)
+                write_state(index, rel)
+
             stats[task.name] = train_task(model, tokenizer, examples, method, trainer, accelerator,
-                                          progress, task=task.name, step_offset=index * 10**6)
+                                          progress, task=task.name, step_offset=index * 10**6,
+                                          checkpoint_every=every_steps, save_checkpoint=save_step,
+                                          resume_from=resume_from)
             timings["train_s"][task.name] = stats[task.name]["train_s"]
             start = time.perf_counter()
             R.append(evaluate_all(model, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
@@ -179,11 +234,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 timings["attribution_s"][task.name] = time.perf_counter() - start
                 method.set_importance(combined)
             if save_every_task and index + 1 < len(tasks):
-                checkpoint.save(run_dir, accelerator.unwrap_model(model), method)
-            timings["wall_s"] = time.perf_counter() - wall
-            rundir.write_json(run_dir / rundir.STATE, {
-                "next_task": index + 1, "completed": names[: index + 1], "order": names, "R": R, "b": b,
-                "done": index + 1 == len(tasks), "checkpoint": save_every_task, "train": stats, "timings": timings})
+                task_ckpt = checkpoint.save_task(run_dir, index + 1, accelerator.unwrap_model(model), method,
+                                                 attribution)
+            elif not save_every_task:
+                task_ckpt = None
+            write_state(index + 1)
             log.info("after %s: %s", task.name, "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
             if stop_after and index + 1 >= stop_after and index + 1 < len(tasks):
                 log.info("stop_after=%d: stopping; continue with resume=true", stop_after)

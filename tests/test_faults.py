@@ -1,0 +1,131 @@
+"""Fault injection: kill -9 a run at many points, resume it, and get exactly the unbroken run's results.
+
+Each killed run is ``python -m aglcl train`` with one function wrapped so that its n-th matching call
+sends SIGKILL to the process (no cleanup, no atexit, no flush): mid-task, during evaluation, during
+attribution, between writing a temp file and renaming it (importance map, checkpoint, state.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
+
+KILLER = """
+import functools, importlib, os, signal, sys
+module, attr, nth, match = sys.argv[1:5]
+owner = importlib.import_module(module)
+*path, name = attr.split(".")
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+calls = 0
+
+@functools.wraps(original)
+def wrapped(*args, **kwargs):
+    global calls
+    if match == "*" or str(args[-1]).endswith(match):
+        calls += 1
+        if calls == int(nth):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+
+setattr(owner, name, wrapped)
+from aglcl.cli import main
+main(sys.argv[5:])
+"""
+
+# Two tasks x 4 steps, a mid-task checkpoint every 2 steps, AGFT with a cheap estimator (maps get written).
+ARGS = ["trainer.max_steps=4", "checkpoint.every_steps=2", "method=agft", "attribution=grad_x_weight",
+        "attribution.estimator.num_samples=4", "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
+
+# (id, module, attribute, n-th matching call that dies, match on the last positional argument)
+FAULTS = [
+    ("mid-task-1", "aglcl.engine.loop", "lm_forward", 3, "*"),            # task 1, step 3 (after the step-2 ckpt)
+    ("mid-task-2", "aglcl.engine.loop", "lm_forward", 6, "*"),            # task 2, step 2, before its checkpoint
+    ("evaluation", "aglcl.engine.runner", "evaluate_all", 3, "*"),        # scoring after the last task
+    ("attribution", "aglcl.attribution.pipeline", "Attribution.after_task", 1, "*"),
+    ("map-write", "os", "replace", 1, "combined.safetensors"),            # temp file written, not yet renamed
+    ("checkpoint-write", "os", "replace", 3, "model.safetensors"),        # the task-1 checkpoint's weights
+    ("state-write", "os", "replace", 3, "state.json"),                    # the state after the first step ckpt
+]
+
+
+@pytest.fixture(scope="module")
+def conf(tmp_path_factory):
+    return make_fixture_conf(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def unbroken(conf, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("unbroken")
+    proc = run_cli("train", *tiny_overrides(conf, cwd / "run"), *ARGS, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((cwd / "run" / "results.json").read_text())
+
+
+def _killed(conf, run, cwd, module, attr, nth, match):
+    script = cwd / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
+    return subprocess.run([sys.executable, str(script), module, attr, str(nth), match, "train",
+                           *tiny_overrides(conf, run), *ARGS], cwd=cwd, env=env, text=True, capture_output=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize(("module", "attr", "nth", "match"), [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_kill_then_resume_equals_the_unbroken_run(conf, tmp_path, unbroken, module, attr, nth, match):
+    run = tmp_path / "run"
+    proc = _killed(conf, run, tmp_path, module, attr, nth, match)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not (run / "results.json").exists()
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["R"] == unbroken["R"] and resumed["b"] == unbroken["b"]
+    assert resumed["metrics"] == unbroken["metrics"]
+    assert [resumed["train"][t]["loss"] for t in resumed["tasks"]] == [unbroken["train"][t]["loss"]
+                                                                       for t in unbroken["tasks"]]
+    assert not list(run.rglob("*.tmp"))  # the killed write's temp file is cleaned up on resume
+    state = json.loads((run / "state.json").read_text())
+    assert state["done"] and sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(conf, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", *tiny_overrides(conf, run), "stop_after=1", cwd=tmp_path).returncode == 0
+    proc = run_cli("train", *tiny_overrides(conf, run), "resume=true", "trainer.lr=1e-3", "method.lam=0.5",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "trainer.lr" in proc.stderr and "method.lam" in proc.stderr and "resume=force" in proc.stderr
+    proc = run_cli("train", *tiny_overrides(conf, run), "resume=force", "trainer.lr=1e-3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "state.json").read_text())["done"]
+
+
+@pytest.mark.parametrize("artifact", ["model.safetensors", "method.safetensors", "importance.safetensors",
+                                      "state.json"])
+def test_a_truncated_checkpoint_is_refused_in_one_line(conf, tmp_path, artifact):
+    run = tmp_path / "run"
+    args = ["method=ewc", "method.num_samples=4"] if artifact == "method.safetensors" else ARGS
+    assert run_cli("train", *tiny_overrides(conf, run), *args, "stop_after=1", cwd=tmp_path).returncode == 0
+    target = run / "state.json" if artifact == "state.json" else run / "checkpoint" / "task_1" / artifact
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    proc = run_cli("train", *tiny_overrides(conf, run), *args, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert target.name in proc.stderr
+
+
+def test_a_checkpoint_of_another_model_is_refused(conf, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", *tiny_overrides(conf, run), "stop_after=1", cwd=tmp_path).returncode == 0
+    proc = run_cli("train", *tiny_overrides(conf, run), "resume=force", "model.hidden_size=48", cwd=tmp_path)
+    assert proc.returncode == 2 and "model.safetensors" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
