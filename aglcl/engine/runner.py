@@ -150,9 +150,13 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
+        import warnings
+
         from peft import get_peft_model
 
-        model = get_peft_model(model, instantiate(cfg.peft, _convert_="all"))
+        with warnings.catch_warnings():  # peft calls a deprecated transformers helper on every wrap
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, instantiate(cfg.peft, _convert_="all"))
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir))
@@ -245,7 +249,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 AcceleratorState._reset_state(True)
                 return {"tasks": names, "R": R, "b": b, "metrics": {}, "stopped_after": index + 1}
 
-    metrics = compute_all(R, b)
+    diagonal_only = bool(getattr(method, "diagonal_only", False))
+    metrics = compute_all(R, b, diagonal_only=diagonal_only)
     timings["wall_s"] = time.perf_counter() - wall
     timings["peak_mem_mb"] = _peak_mem_mb(accelerator.device)
     results = {
@@ -259,6 +264,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "method": cfg.method.get("_target_"),
         "seed": trainer.seed,
         "tags": list(cfg.get("tags") or []),
+        "diagonal_only": diagonal_only,  # rows are separate single-task models: only plasticity is meaningful
         "versions": _versions(),
     }
     write_matrix_csv(run_dir / rundir.R_CSV, names, R)
@@ -266,6 +272,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     rundir.write_json(run_dir / rundir.RESULTS, results)
     console.print(matrix_table(names, R, b))
     console.print(metrics_table(metrics))
+    if diagonal_only:
+        console.print(f"{type(method).__name__} is a single-task reference: only R's diagonal (plasticity) is "
+                      "meaningful; the other metrics are left empty.")
     if log_with:
         accelerator.log({f"metrics/{k}": v for k, v in metrics.items() if v is not None})
         accelerator.end_training()

@@ -23,6 +23,7 @@ class Single(Method):
     """Restore the initial trainable weights before each task."""
 
     name = "single"
+    diagonal_only = True  # the runner reports only plasticity (mean of R's diagonal) for it
 
     def __init__(self):
         self.initial: dict[str, torch.Tensor] = {}

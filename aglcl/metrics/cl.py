@@ -109,12 +109,16 @@ def plasticity(R) -> float:
     return sum(_cell(M, i, i) for i in range(T)) / T
 
 
-def compute_all(R, b=None) -> dict:
+def compute_all(R, b=None, diagonal_only: bool = False) -> dict:
     """All metrics as ``{"op","bwt","fwt","forgetting","aia","plasticity"}``.
 
     ``fwt`` is None when unavailable; with a single task (T=1) so are ``bwt`` and ``forgetting``.
+    ``diagonal_only`` (a reference whose rows are different single-task models, ``method=single``):
+    only ``plasticity`` means anything, every other metric is None.
     """
     M = _matrix(R)
+    if diagonal_only:
+        return {"op": None, "bwt": None, "fwt": None, "forgetting": None, "aia": None, "plasticity": plasticity(M)}
     many = M.shape[0] >= 2
     return {
         "op": op(M),
