@@ -1,17 +1,22 @@
 """How a task's test examples are scored (``scoring._target_`` in a task spec).
 
 * :class:`LabelLikelihood`: classification by the log-likelihood of each label after the prompt.
-* :class:`GreedyGeneration`: greedy decoding, then the task's metric against the reference.
+* :class:`Generation`: greedy or sampled decoding, answer extraction (first line, first word, regex),
+  then the task's metric against the reference (the best over several references, if the task has them).
+* :class:`GreedyGeneration`: :class:`Generation` with greedy decoding and the first line as the answer.
 
 Both return ``(predictions, scores)`` with one entry per example.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from aglcl.data.collate import encode_answer, encode_prompt
-from aglcl.metrics.scorers import get_scorer
+from aglcl.errors import AglclError, choices
+from aglcl.metrics.scorers import get_scorer, score
 from aglcl.models.compat import accepts
 
 
@@ -40,7 +45,7 @@ class LabelLikelihood:
             if self.normalize:
                 total = total / lengths
             predictions += [labels[i] for i in total.argmax(-1).tolist()]
-        scores = [metric(p, ex["answer"]) for p, ex in zip(predictions, examples)]
+        scores = [score(metric, p, ex) for p, ex in zip(predictions, examples)]
         return predictions, scores
 
 
@@ -78,38 +83,93 @@ def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[li
     return total + (logp * valid).sum(-1).view(B, K)
 
 
-class GreedyGeneration:
-    """Greedy decoding of up to ``max_new_tokens``; the first line of the output is the prediction."""
+EXTRACTORS = ("none", "first_line", "first_word", "regex")
 
-    def __init__(self, max_new_tokens: int = 32, first_line: bool = True):
-        self.max_new_tokens = max_new_tokens
-        self.first_line = first_line
+
+def extract_answer(text: str, how: str = "first_line", pattern: str | None = None) -> str:
+    """The answer part of a generation: ``none`` (stripped text), ``first_line``, ``first_word`` or ``regex``.
+
+    ``regex`` returns group 1 of the first match of ``pattern`` (group 0 if it has no group), or ``""``.
+    """
+    text = text.strip()
+    if how == "none":
+        return text
+    if how == "first_line":
+        return text.split("\n", 1)[0].strip()
+    if how == "first_word":
+        words = text.split()
+        return words[0].strip(".,;:!?\"'") if words else ""
+    if how == "regex":
+        found = re.search(pattern or "", text)
+        if not found:
+            return ""
+        return (found.group(1) if found.re.groups else found.group(0)).strip()
+    raise AglclError(f"unknown answer extraction {how!r}; choose one of {choices(EXTRACTORS)}")
+
+
+class Generation:
+    """Decode up to ``max_new_tokens``, extract the answer, score it with the task's metric.
+
+    ``temperature`` 0 decodes greedily; above 0 it samples (with ``top_p``), as TRACE does at 0.1.
+    ``extract`` picks the scored part of the output: ``none``, ``first_line``, ``first_word`` (e.g. a
+    class label) or ``regex`` (group 1 of ``pattern``). A prompt longer than ``max_length`` tokens is cut
+    in the middle, as for training. Sampling draws from torch's global RNG, which the runner seeds per
+    task, so a run is reproducible.
+    """
+
+    def __init__(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 extract: str = "first_line", pattern: str | None = None):
+        if extract not in EXTRACTORS:
+            raise AglclError(f"unknown scoring.extract {extract!r}; choose one of {choices(EXTRACTORS)}")
+        if extract == "regex":
+            if not pattern:
+                raise AglclError("scoring.extract=regex needs scoring.pattern (a regular expression)")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AglclError(f"scoring.pattern {pattern!r} is not a valid regular expression: {e}") from None
+        if int(max_new_tokens) < 1:
+            raise AglclError(f"scoring.max_new_tokens must be at least 1, got {max_new_tokens}")
+        if float(temperature) < 0:
+            raise AglclError(f"scoring.temperature must be >= 0 (0: greedy), got {temperature}")
+        self.max_new_tokens, self.temperature, self.top_p = int(max_new_tokens), float(temperature), float(top_p)
+        self.extract, self.pattern = extract, pattern
+
+    def _decode_kwargs(self) -> dict:
+        if self.temperature > 0:
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return {"do_sample": False}
 
     @torch.inference_mode()
     def __call__(self, model, tokenizer, task, examples, batch_size: int, max_length: int):
         metric = get_scorer(task.metric)
         device = next(model.parameters()).device
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
         predictions = []
-        try:
-            for start in range(0, len(examples), batch_size):
-                prompts = [ex["prompt"] for ex in examples[start : start + batch_size]]
-                enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                predictions += [self._clean(t) for t in texts]
-        finally:
-            tokenizer.padding_side = side
-        scores = [metric(p, ex["answer"]) for p, ex in zip(predictions, examples)]
+        for start in range(0, len(examples), batch_size):
+            # the prompt is cut as in training (head and tail kept), then left-padded
+            prompts = [encode_prompt(tokenizer, ex["prompt"], max_length) for ex in examples[start : start + batch_size]]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(prompts), width), dtype=torch.long)
+            for row, p in enumerate(prompts):
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                **self._decode_kwargs(),
+            )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            predictions += [extract_answer(t, self.extract, self.pattern) for t in texts]
+        scores = [score(metric, p, ex) for p, ex in zip(predictions, examples)]
         return predictions, scores
 
-    def _clean(self, text: str) -> str:
-        text = text.strip()
-        return text.split("\n", 1)[0].strip() if self.first_line else text
+
+class GreedyGeneration(Generation):
+    """Greedy decoding of up to ``max_new_tokens``; the first line of the output is the prediction."""
+
+    def __init__(self, max_new_tokens: int = 32, first_line: bool = True):
+        super().__init__(max_new_tokens=max_new_tokens, temperature=0.0,
+                         extract="first_line" if first_line else "none")
