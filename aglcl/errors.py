@@ -3,7 +3,23 @@
 Raise :class:`AglclError` for anything the user can fix (a bad option, a missing file, a malformed
 record). ``aglcl.cli`` prints it as one line on stderr and exits with status 2, without a traceback.
 The message names the problem and, where there are any, the valid choices.
+
+An :class:`OSError` the user can fix (no permission, a read-only or full disk) is printed the same way,
+with its file name: see :func:`os_error_message`.
 """
+
+import errno
+
+_OUT = "another output directory (hydra.run.dir=..., or hydra.sweep.dir=... with -m)"
+# errno -> (verb, hint): only conditions of the machine, never of the code, so no bug is hidden by them
+_OS_ERRORS = {
+    errno.EACCES: ("cannot access", f"check its permissions or choose {_OUT}"),
+    errno.EPERM: ("cannot access", f"check its permissions or choose {_OUT}"),
+    errno.EROFS: ("cannot write", f"choose {_OUT}"),
+    errno.ENOSPC: ("cannot write", f"free some space or choose {_OUT}"),
+    errno.EDQUOT: ("cannot write", f"free some space (disk quota) or choose {_OUT}"),
+    errno.ENOTDIR: ("cannot access", "a part of that path is a file, not a directory"),
+}
 
 
 class AglclError(Exception):
@@ -26,8 +42,31 @@ class UserAbort(BaseException):
     """
 
 
+def os_error_message(exc: BaseException) -> str | None:
+    """One line for an :class:`OSError` of the machine (permissions, read-only or full disk), else None.
+
+    ``exc`` may also carry it as its ``__cause__`` (e.g. logging's ``ValueError: Unable to configure handler``
+    raised from the OSError of opening a log file in a read-only dir)::
+
+        cannot write /out/run/results.json: No space left on device; the disk is full; free some space ...
+    """
+    while exc is not None and not (isinstance(exc, OSError) and exc.errno in _OS_ERRORS):
+        if isinstance(exc, AglclError):
+            return None  # its own message says more
+        exc = exc.__cause__
+    if exc is None:
+        return None
+    verb, hint = _OS_ERRORS[exc.errno]
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    return " ".join(f"{verb}{where}: {exc.strerror or exc}; {hint}".split())
+
+
 def user_errors(task_function):
-    """Decorate a Hydra task function so that user errors leave it as :class:`UserAbort`."""
+    """Decorate a Hydra task function so that user errors leave it as :class:`UserAbort`.
+
+    User errors are :class:`AglclError` (also as the cause of another exception) and the OSErrors of
+    :func:`os_error_message`.
+    """
     import functools
 
     @functools.wraps(task_function)
@@ -36,10 +75,12 @@ def user_errors(task_function):
             return task_function(cfg)
         except Exception as exc:
             cause = exc
-            while cause is not None and not isinstance(cause, AglclError):
-                cause = cause.__cause__  # e.g. a config's own check, wrapped by hydra's instantiate()
-            if cause is None:
-                raise
-            raise UserAbort(str(cause)) from None
+            while cause is not None:  # e.g. a config's own check, wrapped by hydra's instantiate()
+                if isinstance(cause, AglclError):
+                    raise UserAbort(str(cause)) from None
+                if isinstance(cause, OSError) and os_error_message(cause) is not None:
+                    raise UserAbort(os_error_message(cause)) from cause  # AGLCL_DEBUG=1 shows its origin
+                cause = cause.__cause__
+            raise
 
     return wrapper

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import csv
 import inspect
+import io
 import json
 import os
 import re
+import reprlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ SPLITS = ("train", "eval", "test")
 KEY = "task.source"  # the config key that holds a task's source; error messages name its fields
 FORMATS = ("auto", "csv", "json", "jsonl")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv"}
+_SHOWN_FIELDS = 12  # a missing-field message lists at most this many of the fields present
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel = 40, 40, 3  # bounded repr, whatever the nesting
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -35,19 +40,41 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_field_name(value, key: str) -> str:
+    """A ``prompt_field``/``answer_field`` option: must be a string (a JSON key or a CSV column)."""
+    if not isinstance(value, str):
+        raise AglclError(f"{KEY}.{key} must be a field name (a string), got {type(value).__name__} "
+                         f"{_short.repr(value)}")
+    return value
+
+
+def _path(value, key: str) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise AglclError(f"{KEY}.{key} must be a path, got {type(value).__name__} {_short.repr(value)}")
+    return Path(value).expanduser()
+
+
 def _value(record: dict, field: str, where: str, key: str) -> str:
     if field not in record:
-        present = choices(map(str, record)) or "none"
-        raise AglclError(f"{where}: missing field {field!r} (fields present: {present}); set {KEY}.{key}")
+        names = sorted(map(str, record))
+        present = choices(names[:_SHOWN_FIELDS]) + (", ..." if len(names) > _SHOWN_FIELDS else "")
+        raise AglclError(f"{where}: missing field {field!r} (fields present: {present or 'none'}); "
+                         f"set {KEY}.{key}")
     value = record[field]
-    if isinstance(value, str):
-        return value
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        value = str(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # e.g. a "\ud800" escape in JSON: no tokenizer or file takes it
+            raise AglclError(f"{where}: field {field!r} holds an invalid character at position {e.start} "
+                             f"(a lone surrogate {_short.repr(e.object[e.start:e.end])}); expected valid "
+                             "Unicode text") from None
+        return value
     if value is None:
         raise AglclError(f"{where}: field {field!r} is null; expected a string")
     raise AglclError(
-        f"{where}: field {field!r} is a {type(value).__name__} ({str(value)[:40]!r}); expected a string"
+        f"{where}: field {field!r} is a {type(value).__name__} ({_short.repr(value)}); expected a string"
     )
 
 
@@ -74,7 +101,8 @@ def to_examples(
 
 def _read_text(file: Path) -> str:
     try:
-        return file.read_text(encoding="utf-8-sig")
+        with file.open(encoding="utf-8-sig", newline="") as f:  # keep "\r" in quoted CSV fields as it is
+            return f.read()
     except FileNotFoundError:
         raise AglclError(f"file not found: {file}") from None
     except UnicodeDecodeError as e:
@@ -83,13 +111,23 @@ def _read_text(file: Path) -> str:
         raise AglclError(f"cannot read {file}: {e.strerror or e}") from None
 
 
-def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
-    text = _read_text(file)
+def _loads(text: str, where: str, what: str = "JSON", hint: str = "") -> Any:
+    """``json.loads`` whose every failure is a one-line AglclError located at ``where`` (file or file:line)."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (it looks like JSON Lines: set format=jsonl)" if e.msg == "Extra data" else ""
-        raise AglclError(f"{file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}{hint}") from None
+        line = f"{e.lineno}:{e.colno}" if what == "JSON" else str(e.colno)
+        hint = hint if e.msg == "Extra data" else ""
+        raise AglclError(f"{where}:{line}: invalid {what}: {e.msg}{hint}") from None
+    except RecursionError:
+        raise AglclError(f"{where}: invalid {what}: nested too deeply (lists or objects inside each other "
+                         "hundreds of levels deep)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise AglclError(f"{where}: invalid {what}: {str(e).split(':')[0]}") from None
+
+
+def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
+    data = _loads(_read_text(file), str(file), hint=" (it looks like JSON Lines: set format=jsonl)")
     if not isinstance(data, list):
         raise AglclError(f"{file}: expected a JSON list of objects, got a {type(data).__name__}")
     for i, record in enumerate(data):
@@ -97,20 +135,23 @@ def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
 
 
 def read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_text(file).splitlines(), 1):
+    # JSON strings hold no raw \r or \n, but they may hold U+2028, form feeds, ... where splitlines() cuts
+    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", _read_text(file)), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise AglclError(f"{file}:{lineno}:{e.colno}: invalid JSON line: {e.msg}") from None
-        yield f"{file}:{lineno}", record
+        yield f"{file}:{lineno}", _loads(line, f"{file}:{lineno}", "JSON line")
 
 
 def read_csv(file: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
-    reader = csv.DictReader(_read_text(file).splitlines(), delimiter=delimiter)
+    # newline="": quoted fields may hold line breaks, and only \n, \r and \r\n end a row
+    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""), delimiter=delimiter)
     try:
         for record in reader:
+            if None in record or None in record.values():
+                cells = len(record) - 1 + len(record[None]) if None in record else sum(
+                    v is not None for v in record.values())
+                raise AglclError(f"{file}:{reader.line_num}: row has {cells} cells, the header has "
+                                 f"{len(reader.fieldnames or [])}")
             yield f"{file}:{reader.line_num}", record
     except csv.Error as e:
         raise AglclError(f"{file}:{reader.line_num}: malformed CSV: {e}") from None
@@ -121,8 +162,9 @@ class LocalDir:
     """TRACE's layout: ``train.json``, ``eval.json`` and ``test.json`` in one directory, each a JSON list."""
 
     def __init__(self, path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer"):
-        self.path = Path(path).expanduser()
-        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.path = _path(path, "path")
+        self.prompt_field = check_field_name(prompt_field, "prompt_field")
+        self.answer_field = check_field_name(answer_field, "answer_field")
 
     def load(self, split: str) -> list[dict]:
         file = self.path / f"{check_split(split)}.json"
@@ -132,7 +174,7 @@ class LocalDir:
             raise AglclError(
                 f"missing split file {file} (a LocalDir needs {choices(s + '.json' for s in SPLITS)})"
             )
-        empty = f"split {split!r} of {self.path} is empty"
+        empty = f"split {split!r} of {self.path} is empty ({file} holds no records)"
         return to_examples(read_json_list(file), self.prompt_field, self.answer_field, empty)
 
     def describe(self) -> str:
@@ -154,12 +196,15 @@ class Files:
     ):
         if format not in FORMATS:
             raise AglclError(f"unknown {KEY}.format {format!r}; choose one of {choices(FORMATS)}")
+        if not (isinstance(csv_delimiter, str) and len(csv_delimiter) == 1 and csv_delimiter not in '\r\n"'):
+            raise AglclError(f"{KEY}.csv_delimiter must be one character (not a quote or a line break), got "
+                             f"{_short.repr(csv_delimiter)}")
         self.files = {
-            s: None if p is None else Path(p).expanduser()
-            for s, p in zip(SPLITS, (train, eval, test), strict=True)
+            s: None if p is None else _path(p, s) for s, p in zip(SPLITS, (train, eval, test), strict=True)
         }
         self.format, self.csv_delimiter = format, csv_delimiter
-        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.prompt_field = check_field_name(prompt_field, "prompt_field")
+        self.answer_field = check_field_name(answer_field, "answer_field")
 
     def _format(self, file: Path) -> str:
         if self.format != "auto":
@@ -216,7 +261,8 @@ class HFDataset:
         self.splits = (
             dict(splits) if splits is not None else {"train": "train", "eval": "validation", "test": "test"}
         )
-        self.prompt_field, self.answer_field = prompt_field, answer_field
+        self.prompt_field = check_field_name(prompt_field, "prompt_field")
+        self.answer_field = check_field_name(answer_field, "answer_field")
         self.trust_remote_code = trust_remote_code
 
     def _fail(self, e: Exception) -> AglclError:

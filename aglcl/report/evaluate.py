@@ -21,10 +21,17 @@ def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[f
     if not results_file.is_file():
         raise AglclError(f"{results_file} not found; run_dir must be a finished `aglcl train` run dir")
     try:
-        results = json.loads(results_file.read_text())
+        results = json.loads(results_file.read_text(encoding="utf-8"))
         tasks, metric = results["tasks"], results["metric"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AglclError(f"{results_file} is not a valid results file ({exc!r})") from None
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: bad JSON, not UTF-8
+        reason = (f"{exc.msg} at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError)
+                  else f"{type(exc).__name__}: {exc}")
+        raise AglclError(f"{results_file} is not a valid results file ({reason}); it is corrupt or "
+                         "truncated") from None
+    if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
+        raise AglclError(f"{results_file}: 'tasks' must be a non-empty list of task names")
+    if not (isinstance(metric, dict) and all(isinstance(metric.get(t), str) for t in tasks)):
+        raise AglclError(f"{results_file}: 'metric' must map every task of 'tasks' to a scorer name")
     stages = rundir.read_predictions(run_dir)
     expected = list(range(len(tasks) + 1))
     if sorted(stages) != expected:
@@ -37,6 +44,13 @@ def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[f
             if not records:
                 raise AglclError(f"no predictions for task '{task}' at stage {stage} in {run_dir}")
             score = get_scorer(metric[task])
+            for i, r in enumerate(records):
+                if not (isinstance(r, dict) and isinstance(r.get("prediction"), str)
+                        and isinstance(r.get("reference"), str)):
+                    where = next((run_dir / rundir.PREDICTIONS).glob(f"after_{stage}_*/{task}.jsonl"),
+                                 run_dir / rundir.PREDICTIONS)
+                    raise AglclError(f"{where}: record {i + 1} needs string fields 'prediction' and "
+                                     "'reference'; the file is corrupt")
             row.append(sum(score(r["prediction"], r["reference"]) for r in records) / len(records))
         rows.append(row)
     return tasks, rows[1:], rows[0]

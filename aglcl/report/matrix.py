@@ -9,10 +9,12 @@ JSON: ``{"tasks": [...], "R": [[...]], "b": [...]}``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
+from aglcl.engine.rundir import atomic_write
 from aglcl.errors import AglclError, choices
 
 _B_LABELS = ("initial", "b")
@@ -20,21 +22,39 @@ _EXTENSIONS = (".csv", ".json")
 
 
 def _number(value, where: str) -> float | None:
-    """A cell as float, None when empty/null/NaN; AglclError naming ``where`` otherwise."""
+    """A cell as float, None when empty/null/NaN; AglclError naming ``where`` otherwise (inf included)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
+    shown = repr(value) if isinstance(value, str | int | float) and len(repr(value)) <= 40 else "this value"
     if isinstance(value, bool):
-        raise AglclError(f"{where}: {value!r} is not a number")
+        raise AglclError(f"{where}: {shown} is not a number")
     try:
         x = float(value)
-    except (TypeError, ValueError):
-        raise AglclError(f"{where}: {value!r} is not a number") from None
+    except (TypeError, ValueError, OverflowError):
+        raise AglclError(f"{where}: {shown} is not a number (or too large)") from None
+    if math.isinf(x):
+        raise AglclError(f"{where}: {shown} is infinite; a score must be a finite number (empty or NaN for "
+                         "unknown)")
     return None if math.isnan(x) else x
+
+
+def _check_tasks(path: Path, tasks: list[str]) -> None:
+    seen = set()
+    for t in tasks:
+        if not t:
+            raise AglclError(f"{path}: a task name in the header is empty")
+        if t in seen:
+            raise AglclError(f"{path}: task {t!r} appears twice; task names must be unique")
+        seen.add(t)
 
 
 def _read_csv(path: Path):
     with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+        reader = csv.reader(f)
+        try:
+            rows = [r for r in reader if any(c.strip() for c in r)]
+        except csv.Error as e:
+            raise AglclError(f"{path}: line {reader.line_num}: malformed CSV ({e})") from None
     if not rows:
         raise AglclError(f"{path}: empty file; expected header 'after,<task 1>,...,<task T>'")
     header, R, b = rows[0], [], None
@@ -59,6 +79,12 @@ def _read_json(path: Path):
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise AglclError(f"{path}: invalid JSON ({e})") from None
+    except RecursionError:
+        raise AglclError(f"{path}: invalid JSON (nested too deeply)") from None
+    except UnicodeDecodeError:
+        raise
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise AglclError(f"{path}: invalid JSON ({str(e).split(':')[0]})") from None
     if not isinstance(data, dict):
         raise AglclError(f"{path}: expected a JSON object with keys 'tasks', 'R' (and optional 'b')")
     for key in ("tasks", "R"):
@@ -101,6 +127,7 @@ def read_matrix(path) -> tuple[list[str], list[list[float | None]], list[float |
         tasks, R, b = _read_csv(path) if suffix == ".csv" else _read_json(path)
     except UnicodeDecodeError as e:
         raise AglclError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    _check_tasks(path, tasks)
     T = len(tasks)
     if T < 2:
         raise AglclError(f"{path}: need at least 2 tasks, got T={T}")
@@ -114,14 +141,17 @@ def _fmt(v) -> str:
 
 
 def write_matrix_csv(path, tasks, R, b=None) -> Path:
-    """Write the R.csv layout (4-decimal floats, empty cells for None); ``b`` adds an ``initial`` row."""
+    """Write the R.csv layout (4-decimal floats, empty cells for None); ``b`` adds an ``initial`` row.
+
+    Written atomically: a reader sees the old file or the new one, never half of it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["after", *tasks])
-        if b is not None:
-            w.writerow(["initial", *map(_fmt, b)])
-        for task, row in zip(tasks, R, strict=True):
-            w.writerow([task, *map(_fmt, row)])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["after", *tasks])
+    if b is not None:
+        w.writerow(["initial", *map(_fmt, b)])
+    for task, row in zip(tasks, R, strict=True):
+        w.writerow([task, *map(_fmt, row)])
+    atomic_write(path, buf.getvalue().encode("utf-8"))
     return path
