@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,9 +41,11 @@ from aglcl.cli import main
 main(sys.argv[5:])
 """
 
-# Two tasks x 4 steps, a mid-task checkpoint every 2 steps, AGFT with a cheap estimator (maps get written).
-ARGS = ["trainer.max_steps=4", "checkpoint.every_steps=2", "method=agft", "attribution=grad_x_weight",
-        "attribution.estimator.num_samples=4", "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
+# Two tasks x 4 steps, a mid-task checkpoint every 2 steps, AGFT (cheap estimator: maps get written) plus
+# replay (method state gets written).
+ARGS = ["trainer.max_steps=4", "checkpoint.every_steps=2", "method=agft_replay", "attribution=grad_x_weight",
+        "attribution.estimator.num_samples=4", "attribution.estimator.correct_only=false", "trainer.lr=5e-3",
+        "method.methods.replay.fraction=0.2"]
 
 # (id, module, attribute, n-th matching call that dies, match on the last positional argument)
 FAULTS = [
@@ -96,36 +99,48 @@ def test_kill_then_resume_equals_the_unbroken_run(conf, tmp_path, unbroken, modu
     assert state["done"] and sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
 
 
-def test_resume_with_a_changed_config_is_refused_unless_forced(conf, tmp_path):
+@pytest.fixture(scope="module")
+def stopped(conf, tmp_path_factory):
+    """A run stopped after its first task (checkpoint/task_1 holds weights, method state and the map)."""
+    cwd = tmp_path_factory.mktemp("stopped")
+    proc = run_cli("train", *tiny_overrides(conf, cwd / "run"), *ARGS, "stop_after=1", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "run"
+
+
+def _copy(stopped, tmp_path):
     run = tmp_path / "run"
-    assert run_cli("train", *tiny_overrides(conf, run), "stop_after=1", cwd=tmp_path).returncode == 0
-    proc = run_cli("train", *tiny_overrides(conf, run), "resume=true", "trainer.lr=1e-3", "method.lam=0.5",
-                   cwd=tmp_path)
+    shutil.copytree(stopped, run)
+    return run
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(conf, tmp_path, stopped):
+    run = _copy(stopped, tmp_path)
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", "trainer.lr=1e-3",
+                   "method.methods.agft.lam=0.5", cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-    assert "trainer.lr" in proc.stderr and "method.lam" in proc.stderr and "resume=force" in proc.stderr
-    proc = run_cli("train", *tiny_overrides(conf, run), "resume=force", "trainer.lr=1e-3", cwd=tmp_path)
+    assert "trainer.lr" in proc.stderr and "method.methods.agft.lam" in proc.stderr and "resume=force" in proc.stderr
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=force", "trainer.lr=1e-3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run / "state.json").read_text())["done"]
 
 
 @pytest.mark.parametrize("artifact", ["model.safetensors", "method.safetensors", "importance.safetensors",
                                       "state.json"])
-def test_a_truncated_checkpoint_is_refused_in_one_line(conf, tmp_path, artifact):
-    run = tmp_path / "run"
-    args = ["method=ewc", "method.num_samples=4"] if artifact == "method.safetensors" else ARGS
-    assert run_cli("train", *tiny_overrides(conf, run), *args, "stop_after=1", cwd=tmp_path).returncode == 0
+def test_a_truncated_checkpoint_is_refused_in_one_line(conf, tmp_path, stopped, artifact):
+    run = _copy(stopped, tmp_path)
     target = run / "state.json" if artifact == "state.json" else run / "checkpoint" / "task_1" / artifact
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
-    proc = run_cli("train", *tiny_overrides(conf, run), *args, "resume=true", cwd=tmp_path)
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert target.name in proc.stderr
 
 
-def test_a_checkpoint_of_another_model_is_refused(conf, tmp_path):
-    run = tmp_path / "run"
-    assert run_cli("train", *tiny_overrides(conf, run), "stop_after=1", cwd=tmp_path).returncode == 0
-    proc = run_cli("train", *tiny_overrides(conf, run), "resume=force", "model.hidden_size=48", cwd=tmp_path)
+def test_a_checkpoint_of_another_model_is_refused(conf, tmp_path, stopped):
+    run = _copy(stopped, tmp_path)
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=force", "model.hidden_size=48",
+                   cwd=tmp_path)
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
