@@ -37,6 +37,19 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
+def frozen_copy(model):
+    """A deep copy of ``model`` (unwrapped from DDP) in eval mode with ``requires_grad`` False: a teacher."""
+    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    teacher = copy.deepcopy(base)
+    # accelerate's mixed precision puts an autocast ``forward`` on the instance. A bound method is re-bound to
+    # the copy (same autocast as the student); a plain closure would still call the *student*, so drop it.
+    forward = teacher.__dict__.get("forward")
+    if forward is not None and not (isinstance(forward, MethodType) and forward.__self__ is teacher):
+        teacher.__dict__.pop("forward")
+        teacher.__dict__.pop("_original_forward", None)
+    return teacher.eval().requires_grad_(False)
+
+
 def answer_logits(model, batch: dict):
     """Logits at the answer-predicting positions ``[B, K, V]`` and their mask ``[B, K]``, as ``lm_forward``
     selects them (:func:`aglcl.engine.loop.answer_logits`)."""
@@ -60,15 +73,7 @@ class LwF(Method):
     def before_task(self, index, task, model) -> None:
         if index == 0 or self.alpha == 0:
             return
-        base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        teacher = copy.deepcopy(base)
-        # accelerate's mixed precision puts an autocast ``forward`` on the instance. A bound method is re-bound to
-        # the copy (same autocast as the student); a plain closure would still call the *student*, so drop it.
-        forward = teacher.__dict__.get("forward")
-        if forward is not None and not (isinstance(forward, MethodType) and forward.__self__ is teacher):
-            teacher.__dict__.pop("forward")
-            teacher.__dict__.pop("_original_forward", None)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = frozen_copy(model)
 
     def loss(self, model, batch, outputs):
         if self.teacher is None:
