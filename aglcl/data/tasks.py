@@ -91,6 +91,37 @@ def apply_chat_template(chat_template: str | None, prompt: str, key: str) -> str
     )
 
 
+def _size(value: Any, key: str) -> int | None:
+    """A split size or cap: a positive integer, or null for all."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AglclError(f"{key}={value!r} is invalid: must be an integer >= 1, or null (all examples)")
+    return value
+
+
+def _check_template(template: str, key: str) -> None:
+    """Refuse templates that would leak the answer into the prompt or cannot be parsed."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise AglclError(f"{key}.template {template!r} is malformed ({exc}); use {{{{ }}}} for literal braces") from None
+    if any(f.split(".")[0].split("[")[0] == "answer" for f in fields):
+        raise AglclError(f"{key}.template uses {{answer}}, which would copy the answer into the prompt; "
+                         f"use {{prompt}} (the answer is appended after answer_prefix)")
+
+
+def _check_labels(name: str, split: str, examples: list[dict], labels: list[str]) -> None:
+    allowed = set(labels)
+    for i, ex in enumerate(examples):
+        if ex["answer"] not in allowed:
+            shown = ", ".join(repr(x) for x in labels[:12]) + (", ..." if len(labels) > 12 else "")
+            raise AglclError(f"task '{name}' {split} example {i + 1} has answer {ex['answer']!r}, which is not in "
+                             f"its label set ({shown}); fix the data or sequence.tasks.{name}.labels")
+
+
 def _subset(examples: list[dict], size: int | None, cap: int | None, seed: int) -> list[dict]:
     n = min(x for x in (size, cap, len(examples)) if x is not None)
     if n >= len(examples):
@@ -158,8 +189,8 @@ def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> l
 
     tasks_cfg = sequence_cfg.get("tasks") or {}
     order = resolve_order(sequence_cfg)
-    cap_train = limit.get("train") if limit else None
-    cap_eval = limit.get("eval") if limit else None
+    cap_train = _size(limit.get("train") if limit else None, "limit.train")
+    cap_eval = _size(limit.get("eval") if limit else None, "limit.eval")
     tasks = []
     for name in order:
         spec = tasks_cfg[name]
@@ -167,11 +198,19 @@ def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> l
         unknown = set(spec) - SPEC_KEYS
         if unknown:
             raise AglclError(f"{key} has unknown keys {sorted(unknown)}; valid keys: {sorted(SPEC_KEYS)}")
-        source = instantiate(spec.source)
-        train = _subset(source.load("train"), spec.get("train_size"), cap_train, data_seed)
-        test = _subset(source.load(spec.get("eval_split", "test")), spec.get("eval_size"), cap_eval, data_seed)
+        train_size, eval_size = _size(spec.get("train_size"), f"{key}.train_size"), _size(spec.get("eval_size"),
+                                                                                          f"{key}.eval_size")
         template, chat_template = spec.get("template", "{prompt}"), spec.get("chat_template")
-        labels = spec.get("labels") or (source.labels() if callable(getattr(source, "labels", None)) else None)
+        _check_template(template, key)
+        source = instantiate(spec.source)
+        train = _subset(source.load("train"), train_size, cap_train, data_seed)
+        test = _subset(source.load(spec.get("eval_split", "test")), eval_size, cap_eval, data_seed)
+        scoring_labels = (spec.get("scoring") or {}).get("labels")
+        labels = (spec.get("labels") or scoring_labels
+                  or (source.labels() if callable(getattr(source, "labels", None)) else None))
+        if labels:
+            for split, examples in (("train", train), ("test", test)):
+                _check_labels(name, split, examples, [str(x) for x in labels])
         tasks.append(
             Task(
                 name=name,

@@ -184,9 +184,12 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         for stale in run_dir.rglob(".*.tmp"):  # temp files of writes a kill interrupted (rundir.atomic_write)
             stale.unlink(missing_ok=True)
         if attribution is not None and isinstance(task_ckpt, str):
-            maps = attribution.restore(run_dir, model, first, path=run_dir / task_ckpt / checkpoint.IMPORTANCE)
-            if maps is not None:
-                method.set_importance(maps)
+            path = run_dir / task_ckpt / checkpoint.IMPORTANCE
+            maps = attribution.restore(run_dir, model, first, path=path)
+            if maps is None:
+                raise AglclError(f"cannot resume: {path} is missing, but attribution is on and {first} task(s) "
+                                 f"are done; was the run made with attribution=none?")
+            method.set_importance(maps)
         where = f"step {state['step_checkpoint'].rsplit('_', 1)[-1]} of " if state.get("step_checkpoint") else "the start of "
         log.info("resuming %s at %stask %d (%s)", run_dir, where, first + 1, names[first])
 
