@@ -63,6 +63,8 @@ def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, ex
     a = _results(whole)
     assert a["method"].rsplit(".", 2)[-2] == ("compose" if method.endswith("_replay") else method)
     assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
+    assert a["diagonal_only"] == (method == "single")  # single: only plasticity is reported
+    assert (a["metrics"]["op"] is None) == (method == "single") and a["metrics"]["plasticity"] is not None
     assert json.loads((whole / "state.json").read_text())["next_task"] == 2
 
     proc = run_cli("train", *tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)

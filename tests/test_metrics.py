@@ -83,3 +83,11 @@ def test_bad_shapes():
         op([[0.1, 0.2], [0.3]])
     with pytest.raises(AglclError, match="one entry per task"):
         fwt(R3, [0.1, 0.2])
+
+
+def test_diagonal_only_keeps_plasticity_alone():
+    from aglcl.metrics.cl import compute_all
+
+    out = compute_all([[0.5, 0.1], [0.2, 0.7]], [0.0, 0.0], diagonal_only=True)
+    assert out["plasticity"] == pytest.approx(0.6)
+    assert all(out[k] is None for k in ("op", "bwt", "fwt", "forgetting", "aia"))

@@ -90,14 +90,18 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         if not value.is_dir():
             raise AglclError(f"run_dir={value} is not a directory")
         tasks, R, b = matrix_from_run(value)
+        diagonal_only = json.loads((value / rundir.RESULTS).read_text(encoding="utf-8")).get("diagonal_only") is True
     else:
         from aglcl.report.matrix import read_matrix
 
         tasks, R, b = read_matrix(value)
-    metrics = compute_all(R, b)
+        diagonal_only = False
+    metrics = compute_all(R, b, diagonal_only=diagonal_only)
     console.print(tables.matrix_table(tasks, R, b))
     console.print(tables.metrics_table(metrics))
-    if metrics.get("fwt") is None:
+    if diagonal_only:
+        console.print("a single-task reference (method=single): only plasticity, R's diagonal, is meaningful.")
+    elif metrics.get("fwt") is None:
         console.print("FWT unavailable: it needs the initial scores b and the cells above the diagonal.")
     rundir.write_json(out_dir / "metrics.json", metrics)
     if key == "run_dir":

@@ -19,8 +19,9 @@ def task_maps(run_dir: Path) -> list[tuple[str, dict, dict]]:
     """``[(task, maps, metadata)]`` for ``importance/task_<k>_<name>.safetensors``, in task order."""
     from aglcl.attribution.store import load_map
 
-    files = sorted((Path(run_dir) / "importance").glob("task_*.safetensors"),
-                   key=lambda f: int(f.name.split("_")[1]))
+    pattern = re.compile(r"task_(\d+)_.+\.safetensors")
+    files = sorted((f for f in (Path(run_dir) / "importance").glob("task_*.safetensors")
+                    if pattern.fullmatch(f.name)), key=lambda f: int(pattern.fullmatch(f.name).group(1)))
     out = []
     for f in files:
         maps, meta = load_map(f)
@@ -87,5 +88,6 @@ def _plot(per_layer: dict[str, dict[int, float]], path: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from aglcl.report.plots import save_figure
+
+    save_figure(fig, path)

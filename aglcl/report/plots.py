@@ -47,7 +47,16 @@ def plot_heatmap(tasks, R, path, title: str | None = None) -> Path:
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Render ``fig`` as PNG and write it atomically (a crash never leaves half a picture)."""
+    import io
+
+    from aglcl.engine.rundir import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)

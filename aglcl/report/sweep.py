@@ -86,10 +86,13 @@ def aggregate_sweep(sweep_dir, group_ignore=("trainer.seed", "seed")) -> list[di
 
 def write_sweep_csv(rows, path) -> Path:
     """Write ``overrides,n,<metric>_mean,<metric>_std,...`` (empty cells where unavailable)."""
+    import io
+
+    from aglcl.engine.rundir import atomic_write
+
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("overrides", "n")))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(["overrides", "n", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
         for r in rows:
@@ -98,4 +101,5 @@ def write_sweep_csv(rows, path) -> Path:
                 mean, std = r.get(k) or (None, None)
                 cells += ["" if mean is None else f"{mean:.6g}", "" if std is None else f"{std:.6g}"]
             w.writerow([r["overrides"], r["n"], *cells])
+        atomic_write(path, f.getvalue())
     return path
