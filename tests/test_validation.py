@@ -46,3 +46,12 @@ def test_a_bad_cap_names_the_key(tmp_path):
 def test_bad_templates_are_refused(tmp_path, template, message):
     with pytest.raises(AglclError, match=message):
         load_sequence(_sequence(tmp_path, template=template))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
+def test_task_names_that_would_escape_the_run_dir_are_refused(tmp_path, name):
+    seq = _sequence(tmp_path)
+    seq.tasks[name] = seq.tasks.pop("parity")
+    seq.order = [name]
+    with pytest.raises(AglclError, match="cannot be a file name"):
+        load_sequence(seq)

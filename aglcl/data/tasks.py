@@ -12,11 +12,13 @@ A sequence lists its ``tasks`` and an ``order``: a list of task names, or the na
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from aglcl.errors import AglclError, choices
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 SPEC_KEYS = {
     "source", "template", "chat_template", "answer_prefix", "metric", "scoring", "train_size", "eval_size",
     "eval_split", "labels",
@@ -169,6 +171,10 @@ def resolve_order(sequence_cfg: Any) -> list[str]:
             raise AglclError(f"sequence.order names unknown task '{task}'; choose from: {choices(tasks_cfg)}")
     if len(set(order)) != len(order):
         raise AglclError(f"sequence.order repeats a task: {order}")
+    for task in order:  # task names become file names in the run dir: they must not escape it
+        if not _SAFE_NAME.fullmatch(task):
+            raise AglclError(f"task name {task!r} cannot be a file name; use letters, digits, '_', '-' and '.' "
+                             f"(not first)")
     return order
 
 
