@@ -12,6 +12,14 @@ Examples::
     aglcl ls                                      # config options and finished runs
     aglcl data prepare                            # build the offline tasks into the cache
 
+Several processes (one per GPU)::
+
+    torchrun --nproc_per_node 8 --no-python aglcl train distributed=fsdp2 ...
+    accelerate launch --num_processes 8 -m aglcl train distributed=ddp ...
+
+Every rank resolves the same run dir (rank 0's launch time, shared before Hydra starts); only rank 0
+writes Hydra's ``.hydra/`` copies, artifacts and progress (aglcl/engine/distributed.py).
+
 User errors print one line on stderr and exit with status 2; set AGLCL_DEBUG=1 for tracebacks.
 """
 
@@ -63,17 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         _fail("", f"unknown command '{cmd}'; choose from: {', '.join(COMMANDS)}")
     debug = os.environ.get("AGLCL_DEBUG") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us, then print them as one line
-    from aglcl.errors import AglclError, UserAbort
+    from aglcl.errors import AglclError, UserAbort, os_error_message
 
     try:
         module = importlib.import_module(COMMANDS[cmd][0])
-        sys.argv = [f"aglcl-{cmd}", *argv[1:]]
+        sys.argv = [f"aglcl-{cmd}", *argv[1:], *_rank_setup(cmd, argv[1:])]
         module.main()
     except (AglclError, UserAbort) as exc:
         if debug:
             raise
         _fail(cmd, str(exc))
     except Exception as exc:
+        if not debug and os_error_message(exc) is not None:  # e.g. Hydra creating a read-only run dir
+            _fail(cmd, os_error_message(exc))
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
@@ -83,6 +93,20 @@ def main(argv: list[str] | None = None) -> None:
         while cause is not None and not isinstance(cause, AglclError):
             cause = cause.__cause__  # e.g. a config's __post_init__ error wrapped by instantiate()
         _fail(cmd, str(cause) if cause is not None else _hydra_message(exc))
+
+
+def _rank_setup(cmd: str, args: list[str]) -> list[str]:
+    """Under a multi-process launch of ``train``: one shared launch time (so one run dir) and, on ranks
+    > 0, no ``.hydra/`` copies. Returns the overrides to append. Nothing happens in a single process."""
+    if cmd != "train" or any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in args):
+        return []
+    from aglcl.engine import distributed as dist
+
+    dist.export_slurm_env()  # srun with several tasks: RANK/WORLD_SIZE from SLURM
+    if not dist.is_distributed():
+        return []
+    dist.share_launch_time()
+    return dist.hydra_rank_overrides()
 
 
 if __name__ == "__main__":

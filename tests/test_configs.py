@@ -83,7 +83,8 @@ def test_every_task_option_composes_into_a_sequence(option):
 def test_every_yaml_starts_with_a_command_comment():
     for path in sorted(conf_dir().rglob("*.yaml")):
         lines = [line for line in path.read_text().splitlines() if not line.startswith("# @package")]
-        assert lines and lines[0].startswith("# aglcl") or lines[0].startswith("# A task"), path
+        starts = ("# aglcl", "# torchrun", "# accelerate launch", "# A task")  # the command that uses it
+        assert lines and lines[0].startswith(starts), path
 
 
 def test_default_experiment_is_offline_agft_on_three_tasks():

@@ -24,6 +24,14 @@ One pass, the same for every estimator:
    updated by replacing the buffer's minimum when the new value is larger; with fewer than ``topk`` samples it
    is the mean of all of them).
 
+Several processes (``conf/distributed``): with replicated weights (one process, DDP) the micro-batches are
+dealt round-robin over the ranks, run through the unwrapped module (no gradient all-reduce), and the reducer
+states are all-reduced (``mean``: sum and count, accumulated in float64 so that the result does not depend on
+how samples are split; ``max``; ``topk_mean``: all-gather, then the top k again), so every rank ends with the
+same map, equal to the one-process map. With sharded weights (FSDP2 DTensors) every rank runs every
+micro-batch (a micro-batch's gradient only ever exists as reduce-scattered shards) and scores its local shard:
+the result holds rank-local pieces (:func:`aglcl.engine.distributed.local_slices` says where they sit).
+
 The model comes back as it went in: gradients are ``None`` (before and after), ``requires_grad`` and each
 module's ``training`` flag are restored (the pass runs in eval mode, with only the selected weights requiring
 grad; frozen LoRA base weights are attributed too), and IntegratedGradients restores the weights bit-exactly.
@@ -41,6 +49,7 @@ import torch
 from aglcl.attribution.lrp import lrp_rules
 from aglcl.attribution.params import check_groups, select_params
 from aglcl.data.collate import IGNORE, collate
+from aglcl.engine import distributed as dist
 from aglcl.engine.loop import answer_logits
 from aglcl.errors import AglclError, choices
 
@@ -86,10 +95,24 @@ def _attribution_mode(model, params: dict):
 
 
 class _Reducer:
-    """Streaming mean / max / top-k mean of per-sample contributions, one state tensor per parameter."""
+    """Streaming mean / max / top-k mean of per-sample contributions, one state tensor per parameter.
+
+    ``mean`` sums in float64: a sum of a few float32 values is then exact, whatever their order, so the
+    map does not depend on how samples were split over ranks (and costs 8 bytes per weight while it runs).
+    """
 
     def __init__(self, how: str, topk: int):
         self.how, self.topk, self.count, self.state = how, topk, 0, {}
+
+    def start(self, shapes: dict[str, tuple[tuple, torch.device]]) -> None:
+        """Zero states for every parameter (neutral for all three reductions, since contributions are
+        >= 0): a rank that draws no micro-batch still takes part in :meth:`sync`."""
+        for name, (shape, device) in shapes.items():
+            if self.how == "topk_mean":
+                self.state[name] = torch.zeros((self.topk, *shape), dtype=torch.float32, device=device)
+            else:
+                dtype = torch.float64 if self.how == "mean" else torch.float32
+                self.state[name] = torch.zeros(shape, dtype=dtype, device=device)
 
     def add(self, name: str, c: torch.Tensor) -> None:
         s = self.state.get(name)
@@ -99,16 +122,28 @@ class _Reducer:
             low, where = s.min(0, keepdim=True)  # c >= 0, so the zero fill is always displaced first
             s.scatter_(0, where, torch.maximum(low, c.unsqueeze(0)))
         elif s is None:
-            self.state[name] = c.clone()
+            self.state[name] = c.double() if self.how == "mean" else c.clone()
         elif self.how == "max":
             torch.maximum(s, c, out=s)
         else:
             s.add_(c)
 
+    def sync(self) -> None:
+        """Combine the states of all ranks (each reduced a different share of the micro-batches)."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        self.count = int(dist.all_reduce_(count, "sum").item())
+        for name in sorted(self.state):  # the same order on every rank
+            s = self.state[name]
+            if self.how == "topk_mean":
+                everyone = dist.all_gather_stack(s).reshape(-1, *s.shape[1:])
+                self.state[name] = everyone.topk(self.topk, dim=0).values
+            else:
+                dist.all_reduce_(s, "max" if self.how == "max" else "sum")
+
     def result(self) -> dict[str, torch.Tensor]:
         n = max(self.count, 1)
-        if self.how == "topk_mean":
-            out = {k: s.sum(0) / min(self.topk, n) for k, s in self.state.items()}
+        if self.how == "topk_mean":  # sorted, so the sum does not depend on the buffer's slot order
+            out = {k: s.sort(0).values.sum(0) / min(self.topk, n) for k, s in self.state.items()}
         else:
             out = {k: s / n if self.how == "mean" else s for k, s in self.state.items()}
         return {k: v.float().cpu() for k, v in out.items()}
@@ -141,11 +176,16 @@ class Estimator:
     def __call__(self, model, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         if not examples:
             raise AglclError("attribution got no examples; the task's training split is empty")
+        model = dist.unwrap(model)  # DDP: no gradient all-reduce (ranks score different micro-batches)
         params = select_params(model, self.include)
         order = list(range(len(examples)))
         random.Random(self.seed).shuffle(order)
         chosen = [examples[i] for i in order[: self.num_samples]]
         batches = [collate(chosen[i: i + self.batch_size], pad_id) for i in range(0, len(chosen), self.batch_size)]
+        # replicated weights: deal the micro-batches over the ranks; sharded (FSDP2): every rank runs all
+        self._split = dist.is_distributed() and not any(dist.is_dtensor(p) for p in params.values())
+        if self._split:
+            batches = batches[dist.rank()::dist.world_size()]
         with _attribution_mode(model, params), self._rules(model):
             self._start(params)
             reducer = self._run(model, params, batches, self.correct_only)
@@ -167,6 +207,9 @@ class Estimator:
 
     def _run(self, model, params: dict, batches: list[dict], correct_only: bool) -> _Reducer:
         reducer, device = _Reducer(self.reduction, self.topk), _device(model)
+        split = getattr(self, "_split", False)
+        if split:
+            reducer.start({n: (tuple(dist.local(p).shape), dist.local(p).device) for n, p in params.items()})
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             contribution = self._contribution(model, params, batch, correct_only)
@@ -175,6 +218,8 @@ class Estimator:
             for name, c in contribution.items():
                 reducer.add(name, torch.log1p(c) if self.transform == "log1p" else c)
             reducer.count += 1
+        if split:
+            reducer.sync()
         return reducer
 
     def _contribution(self, model, params: dict, batch: dict, correct_only: bool):
@@ -189,8 +234,9 @@ class Estimator:
     def _scores(self, params: dict) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in params.items():
-            g = p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=p.device)
-            out[name] = self._score(p.detach().float(), g)
+            w = dist.local(p.detach())  # FSDP2: this rank's shard of the weight and of the reduced gradient
+            g = dist.local(p.grad).float() if p.grad is not None else torch.zeros(w.shape, device=w.device)
+            out[name] = self._score(w.float(), g)
             p.grad = None
         return out
 
@@ -272,7 +318,8 @@ class IntegratedGradients(Estimator):
         self.steps, self._pre, self._path = int(steps), None, None
 
     def before_task(self, model) -> None:
-        self._pre = {n: p.detach().to("cpu", copy=True) for n, p in select_params(model, self.include).items()}
+        self._pre = {n: dist.local(p.detach()).to("cpu", copy=True)
+                     for n, p in select_params(dist.unwrap(model), self.include).items()}
 
     def _start(self, params):
         if self._pre is None:
@@ -280,12 +327,13 @@ class IntegratedGradients(Estimator):
                              "training the task")
         if set(self._pre) != set(params):
             raise AglclError("IntegratedGradients: the selected weights changed since before_task(model)")
-        if all(torch.equal(p.detach().cpu(), self._pre[n]) for n, p in params.items()):
+        if all(torch.equal(dist.local(p.detach()).cpu(), self._pre[n]) for n, p in params.items()):
             warnings.warn("IntegratedGradients: the weights did not change during the task (frozen under LoRA?); "
                           "importance is 0", stacklevel=3)
 
     def _run(self, model, params, batches, correct_only):
-        self._path = {n: (p.detach().clone(), p.detach().float() - self._pre[n].to(p.device).float())
+        self._path = {n: (dist.local(p.detach()).clone(),
+                          dist.local(p.detach()).float() - self._pre[n].to(dist.local(p).device).float())
                       for n, p in params.items()}
         try:
             return super()._run(model, params, batches, correct_only)
@@ -297,10 +345,10 @@ class IntegratedGradients(Estimator):
         with torch.no_grad():
             for name, p in params.items():
                 post, delta = self._path[name]
-                p.copy_(post if alpha == 1.0 else post.float() - (1.0 - alpha) * delta)
+                dist.local(p).copy_(post if alpha == 1.0 else post.float() - (1.0 - alpha) * delta)
 
     def _contribution(self, model, params, batch, correct_only):
-        total = {n: torch.zeros(p.shape, device=p.device) for n, p in params.items()}
+        total = {n: torch.zeros(dist.local(p).shape, device=dist.local(p).device) for n, p in params.items()}
         tokens = weights = None
         for k in [self.steps, *range(1, self.steps)]:  # θ_post first: it fixes the tokens and weights
             self._set(params, k / self.steps)
@@ -312,7 +360,7 @@ class IntegratedGradients(Estimator):
             self._objective(logits, gold, tokens, weights).backward()
             for n, p in params.items():
                 if p.grad is not None:
-                    total[n] += p.grad.float()
+                    total[n] += dist.local(p.grad).float()
                 p.grad = None
         self._set(params, 1.0)
         return {n: (self._path[n][1] * total[n] / self.steps).abs() for n in params}

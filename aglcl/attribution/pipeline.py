@@ -5,6 +5,12 @@
 estimate (raw importance) → normalise per tensor or block into [0, 1] → combine with the running map
 (``max`` is the paper's R̄ = [max_τ R_τ]₊) → store ``importance/task_<k>_<name>.safetensors`` and
 ``importance/combined.safetensors``. Only one combined map is kept, so memory is O(1) in the tasks.
+
+Several processes: with replicated weights the estimator already returns the same whole map on every
+rank and rank 0 alone writes it. With sharded weights (FSDP2) it returns rank-local pieces; each tensor
+(or block, ``scope=block``) is then gathered whole, one at a time, normalised identically on every rank
+and cut back to the local piece, so the maps stay sharded like the weights (memory O(params / ranks)
+plus one tensor) and are written as per-rank shards plus an index (:func:`store.save_map_sharded`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 
 from aglcl.attribution import normalize as norm
 from aglcl.attribution import store
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 
 
@@ -42,6 +49,7 @@ class Attribution:
         self.after_last = after_last  # also attribute the last task (only useful for reports)
         self.combined: dict[str, torch.Tensor] | None = None
         self.count = 0
+        self._layout: dict[str, tuple[tuple, tuple]] = {}  # sharded tensors: (global shape, local offset)
 
     def before_task(self, model) -> None:
         self.estimator.before_task(model)
@@ -49,7 +57,13 @@ class Attribution:
     def after_task(self, k: int, name: str, model, examples: list[dict], pad_id: int, run_dir: Path) -> dict:
         """Estimate task ``k`` (1-based), update and store the maps; returns the combined map."""
         raw = self.estimator(model, examples, pad_id)
-        task_map = norm.normalize(raw, method=self.normalize, scope=self.scope)
+        sharded = _sharded_params(model, raw)
+        self._layout = _layout(sharded)
+        if sharded:
+            task_map, raw_mean = _normalize_sharded(raw, sharded, self.normalize, self.scope)
+        else:
+            task_map = norm.normalize(raw, method=self.normalize, scope=self.scope)
+            raw_mean = {n: float(t.float().mean()) for n, t in raw.items()}
         self.count += 1
         combined = norm.combine(self.combined, task_map, how=self.combine, ema_decay=self.ema_decay,
                                 count=self.count)
@@ -57,23 +71,72 @@ class Attribution:
         meta = {"estimator": type(self.estimator).__name__, "normalize": self.normalize, "scope": self.scope,
                 "combine": self.combine, "task": name, "k": str(k),
                 # raw magnitude per tensor: rank-normalised maps are uniform, these tell layers apart
-                "raw_mean": json.dumps({n: float(t.float().mean()) for n, t in raw.items()})}
-        store.save_map(store.task_map_path(run_dir, k, name), task_map, dtype=self.dtype, metadata=meta)
-        store.save_map(store.combined_path(run_dir), self.combined, dtype=self.dtype,
-                       metadata={**meta, "task": "combined", "tasks": str(self.count)})
+                "raw_mean": json.dumps(raw_mean)}
+        self._save(store.task_map_path(run_dir, k, name), task_map, meta)
+        self._save(store.combined_path(run_dir), self.combined, {**meta, "task": "combined", "tasks": str(self.count)})
         return self.combined
 
-    def restore(self, run_dir: Path, model, completed: int) -> dict | None:
-        """Read the combined map back (resume); refuses maps that do not match the model."""
-        path = store.combined_path(run_dir)
-        if completed == 0 or not path.is_file():
+    def _save(self, path: Path, maps: dict, meta: dict) -> None:
+        """Rank 0 writes a whole map; a sharded one is written by every rank (shards + index)."""
+        if self._layout:
+            store.save_map_sharded(path, maps, layout=self._layout, dtype=self.dtype, metadata=meta)
+        else:
+            if dist.is_main_process():
+                store.save_map(path, maps, dtype=self.dtype, metadata=meta)
+            dist.barrier()  # the file exists for every rank once this returns
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write the combined map as it stands now into a checkpoint (``path``); nothing if there is none."""
+        if self.combined is not None:
+            self._save(Path(path), self.combined, {"task": "combined", "tasks": str(self.count)})
+
+    def restore(self, run_dir: Path, model, completed: int, path: Path | None = None) -> dict | None:
+        """Read the combined map back (resume) from ``path`` (default: ``importance/combined.safetensors``);
+        refuses maps that do not match the model."""
+        path = Path(path) if path is not None else store.combined_path(run_dir)
+        if completed == 0 or not store.map_exists(path):
             return None
-        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        maps, meta = store.load_map(path)  # the map covers a subset of the parameters: check that subset
-        for name, value in maps.items():
-            if name not in shapes:
+        params = dict(dist.unwrap(model).named_parameters())
+        stored, meta = store.map_shapes(path)  # the map covers a subset of the parameters: check that subset
+        for name, shape in stored.items():
+            if name not in params:
                 raise AglclError(f"{path} names parameter '{name}', which the model lacks")
-            if tuple(value.shape) != shapes[name]:
-                raise AglclError(f"{path}: '{name}' has shape {tuple(value.shape)}, the model's {shapes[name]}")
-        self.combined, self.count = maps, int(meta.get("tasks", completed))
+            if tuple(shape) != tuple(params[name].shape):
+                raise AglclError(f"{path}: '{name}' has shape {tuple(shape)}, the model's {tuple(params[name].shape)}")
+        # each rank reads only its own piece of a sharded weight's map (safetensors get_slice)
+        maps, meta = store.read_map(path, {n: dist.local_slices(params[n]) for n in stored})
+        self._layout = _layout({n: params[n] for n in stored if dist.is_dtensor(params[n])})
+        tasks = meta.get("tasks", str(completed))
+        if not (isinstance(tasks, str) and tasks.isdecimal() and int(tasks) >= 1):
+            raise AglclError(f"{path}: metadata tasks={tasks!r} is not a task count (an integer >= 1); "
+                             "the file was altered")
+        self.combined, self.count = maps, int(tasks)
         return maps
+
+
+def _sharded_params(model, maps: dict) -> dict:
+    """``{name: param}`` for the map's tensors whose parameter is a DTensor (FSDP2)."""
+    params = dict(dist.unwrap(model).named_parameters())
+    return {n: params[n] for n in maps if n in params and dist.is_dtensor(params[n])}
+
+
+def _layout(sharded: dict) -> dict[str, tuple[tuple, tuple]]:
+    return {n: (tuple(p.shape), tuple(s.start for s in dist.local_slices(p))) for n, p in sharded.items()}
+
+
+def _normalize_sharded(raw: dict, sharded: dict, method: str, scope: str) -> tuple[dict, dict]:
+    """Normalise a map holding rank-local pieces: each group (a tensor, or a block) is gathered whole,
+    normalised exactly as in one process, and cut back to this rank's piece. Collective: the groups
+    follow the map's order, the same on every rank. Returns ``(pieces, raw mean per tensor)``."""
+    groups: dict[str, list[str]] = {}
+    for name in raw:
+        groups.setdefault(norm.block_key(name) if scope == "block" else name, []).append(name)
+    out, means = {}, {}
+    for names in groups.values():
+        whole = {n: dist.gather_full(raw[n], sharded[n]).cpu() if n in sharded else raw[n] for n in names}
+        means.update({n: float(t.float().mean()) for n, t in whole.items()})
+        normed = norm.normalize(whole, method=method, scope=scope)
+        for n in names:
+            out[n] = dist.local_view(normed[n], sharded[n]).clone() if n in sharded else normed[n]
+        del whole, normed
+    return {n: out[n] for n in raw}, means

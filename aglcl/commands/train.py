@@ -5,6 +5,9 @@
     aglcl train sequence.order=[chat_topic,bbc_topic,tweet_sentiment] trainer.lr=1e-4
     aglcl train -m trainer.seed=0,1,2              # multirun: outputs/train/multiruns/<stamp>/<n>
     aglcl train --cfg job                          # print the composed config and exit
+    torchrun --nproc_per_node 2 --no-python aglcl train distributed=ddp    # one rank per process / GPU
+    accelerate launch --num_processes 8 -m aglcl train distributed=fsdp2
+    aglcl train -m hydra/launcher=slurm distributed=fsdp2 method=seqft,agft trainer.seed=0,1,2
 """
 
 import hydra
@@ -16,6 +19,9 @@ from aglcl.paths import conf_dir
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 @user_errors
 def main(cfg) -> float:
+    from aglcl.engine import distributed
     from aglcl.engine.runner import run_train
 
+    distributed.export_slurm_env()  # submitit runs this function in each SLURM task: one rank each
+    distributed.quiet_non_main()  # after Hydra's logging setup: ranks > 0 log warnings and errors only
     return run_train(cfg)["metrics"].get("op")  # the objective a sweeper (e.g. Optuna) maximises

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from aglcl.engine import distributed as dist
 from aglcl.engine import rundir
 from aglcl.errors import AglclError
 
@@ -44,9 +45,10 @@ VOLATILE = ("resume", "stop_after", "checkpoint", "logger", "paths", "hydra")
 
 
 def _unique_state(model) -> dict[str, torch.Tensor]:
-    """The state dict without tied duplicates (safetensors refuses shared storage)."""
+    """The whole state dict without tied duplicates (safetensors refuses shared storage). A collective under
+    FSDP2 (every rank must call it; only rank 0 gets the tensors)."""
     seen, out = set(), {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in dist.full_state_dict(model).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if key not in seen:
             seen.add(key)
@@ -78,13 +80,18 @@ def _save_torch(path: Path, obj) -> None:
 def save_task(run_dir: Path, completed: int, model, method, attribution=None) -> str:
     """Checkpoint after ``completed`` tasks; returns its path relative to the run dir (for ``state.json``)."""
     rel = f"{DIR}/task_{completed}"
-    ckpt = _fresh(Path(run_dir) / rel)
-    _save_tensors(ckpt / MODEL, _unique_state(model))
-    tensors = {k: v.contiguous().cpu() for k, v in method.state_dict().items() if torch.is_tensor(v)}
-    if tensors:
-        _save_tensors(ckpt / METHOD, tensors)
+    ckpt = Path(run_dir) / rel
+    weights = _unique_state(model)  # every rank: a collective under FSDP2
+    if dist.is_main_process():
+        _fresh(ckpt)
+        _save_tensors(ckpt / MODEL, weights)
+        tensors = {k: v.contiguous().cpu() for k, v in method.state_dict().items() if torch.is_tensor(v)}
+        if tensors:
+            _save_tensors(ckpt / METHOD, tensors)
+    dist.barrier()
     if attribution is not None:
-        attribution.save_checkpoint(ckpt / IMPORTANCE)
+        attribution.save_checkpoint(ckpt / IMPORTANCE)  # sharded maps: every rank writes its own shard
+    dist.barrier()
     return rel
 
 
@@ -123,8 +130,11 @@ def _as_python_state(state):
 def save_step(run_dir: Path, index: int, step: int, model, optimizer, scheduler, loop_state: dict) -> str:
     """Mid-task checkpoint ``step`` optimizer steps into task ``index`` (0-based); returns its relative path."""
     rel = f"{DIR}/task_{index}_step_{step}"
+    weights = _unique_state(model)
+    if not dist.is_main_process():  # replicated (DDP) state: rank 0 holds all of it
+        return rel
     ckpt = _fresh(Path(run_dir) / rel)
-    _save_tensors(ckpt / MODEL, _unique_state(model))
+    _save_tensors(ckpt / MODEL, weights)
     _save_torch(ckpt / "optimizer.pt", optimizer.state_dict())
     _save_torch(ckpt / "scheduler.pt", scheduler.state_dict())
     _save_torch(ckpt / "rng.pt", rng_state())

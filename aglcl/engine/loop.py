@@ -88,7 +88,10 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
-    optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    # The scheduler stays unprepared: accelerate's wrapper steps it once per process, so with W ranks a
+    # schedule would run W times too fast. It is stepped once per optimizer step below.
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+    method.attach_optimizer(optimizer)
     batches = _batches(loader)
     done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
     running = torch.zeros((), device=accelerator.device)

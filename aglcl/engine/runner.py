@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from aglcl.engine import checkpoint, rundir
+from aglcl.engine import distributed as dist
 from aglcl.engine.loop import encode_split, train_task
 from aglcl.errors import AglclError
 
@@ -67,7 +68,7 @@ def _progress(console):
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not console.is_terminal:
+    if not dist.use_progress_bars(console):  # not a terminal, a rank > 0, or a non-basic Hydra launcher
         return contextlib.nullcontext()
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
@@ -82,7 +83,8 @@ def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_
         preds, scores = task.scoring(model, tokenizer, task, task.test, cfg.eval_batch_size, cfg.max_length)
         records = [{"prompt": ex["prompt"], "reference": ex["answer"], "prediction": p, "score": s}
                    for ex, p, s in zip(task.test, preds, scores)]
-        rundir.write_predictions(run_dir, stage, stage_name, task.name, records)
+        if dist.is_main_process():
+            rundir.write_predictions(run_dir, stage, stage_name, task.name, records)
         row.append(sum(scores) / max(len(scores), 1))
     model.train()
     return row
@@ -136,10 +138,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if getattr(method, "needs_importance", False) and attribution is None:
         raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
                          f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
+    engine = instantiate(cfg.distributed) if _enabled(cfg.get("distributed")) else dist.DistributedConfig()
     ckpt_cfg = cfg.get("checkpoint") or {}
     every_steps = int(ckpt_cfg.get("every_steps") or 0)
     if every_steps < 0:
         raise AglclError(f"checkpoint.every_steps={every_steps} is invalid: must be >= 1, or 0/null (off)")
+    if every_steps and engine.sharded:
+        raise AglclError(f"checkpoint.every_steps is not supported with distributed={engine.engine} (sharded optimizer "
+                         f"state); use checkpoint.every_task=true, or distributed=ddp")
     save_every_task = bool(ckpt_cfg.get("every_task", False)) or every_steps > 0
     resume = cfg.get("resume", False)
     if resume not in checkpoint.RESUME_MODES:
@@ -159,13 +165,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             model = get_peft_model(model, instantiate(cfg.peft, _convert_="all"))
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
-                              project_dir=cfg.logger.get("logging_dir") or str(run_dir))
+                              project_dir=cfg.logger.get("logging_dir") or str(run_dir),
+                              **engine.accelerator_kwargs(trainer))
     model = method.setup(model, len(tasks), first)
     task_ckpt = state.get("checkpoint") if state is not None else None
     if isinstance(task_ckpt, str):
         checkpoint.load_weights(run_dir / task_ckpt, model)
         checkpoint.load_method(run_dir / task_ckpt, method)
-    model = accelerator.prepare(model)
+    model = engine.shard_model(model, trainer.precision) if engine.engine == "fsdp2" else accelerator.prepare(model)
     if log_with:
         accelerator.init_trackers("aglcl")
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
@@ -174,14 +181,15 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if state is None:
         R, stats = [], {}
         timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
-        checkpoint.write_config(run_dir, config)
+        if dist.is_main_process():
+            checkpoint.write_config(run_dir, config)
         start = time.perf_counter()
         b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
         timings["eval_s"] += time.perf_counter() - start
     else:
         R, b, stats, timings = state["R"], state["b"], state["train"], state["timings"]
         wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
-        for stale in run_dir.rglob(".*.tmp"):  # temp files of writes a kill interrupted (rundir.atomic_write)
+        for stale in run_dir.rglob(".*.tmp") if dist.is_main_process() else []:  # writes a kill interrupted
             stale.unlink(missing_ok=True)
         if attribution is not None and isinstance(task_ckpt, str):
             path = run_dir / task_ckpt / checkpoint.IMPORTANCE
@@ -196,6 +204,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     def write_state(next_task: int, step_ckpt: str | None = None) -> None:
         """Point ``state.json`` at the newest checkpoints, then delete the ones it no longer names."""
         timings["wall_s"] = time.perf_counter() - wall
+        if not dist.is_main_process():
+            return
         rundir.write_json(run_dir / rundir.STATE, {
             "next_task": next_task, "completed": names[:next_task], "order": names, "R": R, "b": b,
             "done": next_task == len(tasks), "checkpoint": task_ckpt, "step_checkpoint": step_ckpt,
@@ -270,12 +280,13 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "diagonal_only": diagonal_only,  # rows are separate single-task models: only plasticity is meaningful
         "versions": _versions(),
     }
-    write_matrix_csv(run_dir / rundir.R_CSV, names, R)
-    plot_heatmap(names, R, run_dir / rundir.HEATMAP, title=f"R ({results['method']}, seed {trainer.seed})")
-    rundir.write_json(run_dir / rundir.RESULTS, results)
-    console.print(matrix_table(names, R, b))
-    console.print(metrics_table(metrics))
-    if diagonal_only:
+    if dist.is_main_process():
+        write_matrix_csv(run_dir / rundir.R_CSV, names, R)
+        plot_heatmap(names, R, run_dir / rundir.HEATMAP, title=f"R ({results['method']}, seed {trainer.seed})")
+        rundir.write_json(run_dir / rundir.RESULTS, results)
+        console.print(matrix_table(names, R, b))
+        console.print(metrics_table(metrics))
+    if diagonal_only and dist.is_main_process():
         console.print(f"{type(method).__name__} is a single-task reference: only R's diagonal (plasticity) is "
                       "meaningful; the other metrics are left empty.")
     if log_with:

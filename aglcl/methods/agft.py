@@ -20,6 +20,13 @@ applied once per optimizer step, in one of two modes:
 
 The gate is kept in ``gate_dtype`` (bf16 by default: half a copy of the gated weights; its
 rounding error, ≤ 2⁻⁹ relative, is far below any meaningful difference in protection).
+
+Distributed (``conf/distributed``): under DDP every rank gates its replica identically, after the
+gradients are all-reduced. Under FSDP2 each parameter, its gradient and AdamW's state are DTensors; the
+gate is kept as the rank-local piece and applied to ``to_local()`` views, once per step. Under DeepSpeed
+ZeRO the engine steps inside ``backward()`` on flat fp32 partitions: :meth:`attach_optimizer` (called
+right after the optimizer is prepared) lays the gate out on each partition and gates the client
+optimizer's own step through step hooks (grad mode: after DeepSpeed's clipping).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 
 import torch
 
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
 from aglcl.methods.lora_gate import install_gate, lora_layers, merge_and_reset
@@ -59,6 +67,8 @@ class AGFT(Method):
         self.importance: dict[str, torch.Tensor] | None = None
         self._gates: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self._snapshots: list[torch.Tensor] | None = None
+        self._flat: dict[int, torch.Tensor] = {}  # DeepSpeed: id(flat fp32 partition) -> its factor
+        self._hooks: list = []
 
     # -- hooks --------------------------------------------------------------------------------------
     def set_importance(self, maps: dict[str, torch.Tensor]) -> None:
@@ -76,50 +86,119 @@ class AGFT(Method):
         self.importance = maps
 
     def before_task(self, index, task, model) -> None:
-        self._gates = []
+        self._gates, self._flat = [], {}
+        self._detach_hooks()
         if not self.importance:
             return
+        model = dist.unwrap(model)  # DDP / DeepSpeed wrappers; FSDP2 modules keep their names
         params = dict(model.named_parameters())
         lora = lora_layers(model)
         for name, rbar in self.importance.items():
             param = params[name] if name in params else params.get(_unwrapped(name, params))
             if param is None:
                 raise AglclError(f"importance map names parameter '{name}', which the model does not have")
-            if tuple(param.shape) != tuple(rbar.shape):
+            shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 empties param.data; ds_shape is real
+            if shape != tuple(rbar.shape) and not dist.is_dtensor(param):
                 raise AglclError(f"importance map for '{name}' has shape {tuple(rbar.shape)}, "
-                                 f"the parameter {tuple(param.shape)}")
-            gate = self.gate(rbar)
+                                 f"the parameter {shape}")
+            whole = rbar
+            try:  # FSDP2: the rank-local piece of a whole map (or the local map as is)
+                rbar = dist.local_view(rbar, param)
+            except AglclError as exc:
+                raise AglclError(f"importance map for '{name}': {exc}") from None
             if param.requires_grad:
+                gate = self.gate(rbar)
                 # grad mode multiplies g by s; update mode removes (1 − s) of the step
                 factor = gate if self.mode == "grad" else 1.0 - gate
-                self._gates.append((param, factor.to(param.device, self.gate_dtype)))
+                self._gates.append((param, factor.to(dist.local(param).device, self.gate_dtype)))
             elif name in lora:  # a frozen base weight under LoRA: gate its delta (aglcl.methods.lora_gate)
+                if tuple(whole.shape) != tuple(param.shape):  # FSDP2 hands local pieces: the forward needs all
+                    whole = dist.gather_full(whole, param).cpu()
                 merge_and_reset(lora[name])
-                install_gate(lora[name], gate.to(param.device, self.gate_dtype))
+                install_gate(lora[name], self.gate(whole).to(dist.local(param).device, self.gate_dtype))
 
     def after_backward(self, model) -> None:
-        if self.mode == "grad":
+        if self.mode == "grad" and not self._hooks:
             for param, gate in self._gates:
                 if param.grad is not None:
-                    param.grad.mul_(gate)
+                    dist.local(param.grad).mul_(gate)  # FSDP2: this rank's shard of the reduced gradient
 
     def before_step(self, model, optimizer) -> None:
-        if self.mode == "update" and self._gates and _adam_groups(optimizer) is None:
-            self._snapshots = [param.detach().clone() for param, _ in self._gates]
+        if self.mode == "update" and self._gates and not self._hooks and _adam_groups(optimizer) is None:
+            self._snapshots = [dist.local(param).detach().clone() for param, _ in self._gates]
 
     @torch.no_grad()
     def after_step(self, model, optimizer) -> None:
         """θ ← θ_new − (1 − s) ⊙ (θ_new − θ_old): the step shrunk element-wise, weight decay included."""
-        if self.mode != "update" or not self._gates:
+        if self.mode != "update" or not self._gates or self._hooks:
             return
         if self._snapshots is not None:  # generic optimizer: θ_old was copied in before_step
             for (param, held), old in zip(self._gates, self._snapshots):
-                param.add_(old.sub_(param).mul_(held))
+                p = dist.local(param)
+                p.add_(old.sub_(p).mul_(held))
             self._snapshots = None
             return
         groups, state = _adam_groups(optimizer), optimizer_state(optimizer)
         for param, held in self._gates:
-            param.addcmul_(_adam_step(param, groups[param], state[param]), held)
+            p = dist.local(param)
+            p.addcmul_(_adam_step(p, groups[param], _local_state(state[param])), held)
+
+    # -- DeepSpeed: gate the client optimizer's step on its flat partitions ---------------------------
+    def attach_optimizer(self, optimizer) -> None:
+        """Under DeepSpeed ZeRO, gate inside the engine's step (call once per task, after ``prepare``).
+
+        The engine calls the client optimizer's ``step()`` on one flat fp32 partition per parameter
+        group, inside ``accelerator.backward()``; the per-parameter gates are laid out on those
+        partitions (:func:`aglcl.engine.distributed.deepspeed_partitions`) and applied by step hooks:
+        grad mode scales the partition's gradient before the step, update mode shrinks the step after
+        it. Elsewhere a no-op: the regular hooks run.
+        """
+        engine_opt = dist.deepspeed_engine_optimizer(optimizer)
+        self._detach_hooks()
+        if engine_opt is None or not self._gates:
+            return
+        by_param = {id(p): g for p, g in self._gates}
+        fill = 1.0 if self.mode == "grad" else 0.0  # ungated elements: s = 1 (held = 0)
+        for flat, params, segments in dist.deepspeed_partitions(engine_opt):
+            pieces = [by_param.get(id(p)) for p in params]
+            if any(piece is not None for piece in pieces):
+                self._flat[id(flat)] = dist.build_flat(segments, pieces, flat.numel(), fill, self.gate_dtype,
+                                                       flat.device)
+        client = engine_opt.optimizer
+        self._hooks = [client.register_step_pre_hook(self._flat_pre), client.register_step_post_hook(self._flat_post)]
+
+    def _detach_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._snapshots = [], None
+
+    def _flat_params(self, optimizer):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in self._flat:
+                    yield group, p, self._flat[id(p)]
+
+    @torch.no_grad()
+    def _flat_pre(self, optimizer, args, kwargs) -> None:
+        if self.mode == "grad":
+            for _, p, gate in self._flat_params(optimizer):
+                if p.grad is not None:
+                    p.grad.mul_(gate)
+        elif _adam_groups(optimizer) is None:
+            self._snapshots = [p.detach().clone() for _, p, _ in self._flat_params(optimizer)]
+
+    @torch.no_grad()
+    def _flat_post(self, optimizer, args, kwargs) -> None:
+        if self.mode != "update":
+            return
+        if self._snapshots is not None:
+            for (_, p, held), old in zip(self._flat_params(optimizer), self._snapshots):
+                p.add_(old.sub_(p).mul_(held))
+            self._snapshots = None
+            return
+        for group, p, held in self._flat_params(optimizer):
+            if optimizer.state.get(p):
+                p.addcmul_(_adam_step(p, group, optimizer.state[p]), held)
 
     # -- helpers ------------------------------------------------------------------------------------
     def gate(self, rbar: torch.Tensor) -> torch.Tensor:
@@ -150,6 +229,11 @@ def optimizer_state(optimizer):
     return getattr(optimizer, "optimizer", optimizer).state
 
 
+def _local_state(state: dict) -> dict:
+    """AdamW's state with DTensors (FSDP2) replaced by their rank-local pieces."""
+    return {k: dist.local(v) for k, v in state.items()}
+
+
 def _adam_groups(optimizer) -> dict | None:
     """``{param: group}`` when the optimizer is torch Adam/AdamW without amsgrad, else None."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
@@ -173,7 +257,7 @@ def _adam_step(param, group, state) -> torch.Tensor:
     """
     beta1, beta2 = group["betas"]
     lr, eps = float(group["lr"]), group["eps"]
-    step = float(state["step"])
+    step = float(dist.local(state["step"]))
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     t = state["exp_avg_sq"].sqrt().div_(math.sqrt(bc2)).add_(eps)
     t = torch.div(state["exp_avg"], t, out=t).mul_(lr / bc1)

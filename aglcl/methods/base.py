@@ -6,6 +6,7 @@ for each task ``t`` of the sequence::
 
     before_task(t, task, model)                 # e.g. snapshot weights, build masks
     train_examples(t, task, examples)           # e.g. mix in a replay buffer, or the union of tasks so far
+    attach_optimizer(optimizer)                 # the task's optimizer, once built (e.g. DeepSpeed hooks)
     for each optimizer step:
         loss(model, batch, outputs)   (per micro-batch)   # add penalties / distillation terms
         after_backward(model)         (once per step, after accumulation and sync, before clipping)
@@ -44,6 +45,9 @@ class Method:
     def train_examples(self, index: int, task: Any, examples: list[dict]) -> list[dict]:
         """The encoded examples task ``index`` trains on; default: the task's own."""
         return examples
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Called once per task with the (prepared) optimizer, before the first step (e.g. DeepSpeed hooks)."""
 
     def loss(self, model: Any, batch: dict, outputs: Any):
         """The loss to back-propagate for one micro-batch; default: the LM loss on answer tokens."""

@@ -45,6 +45,10 @@ class Compose(Method):
             examples = method.train_examples(index, task, examples)
         return examples
 
+    def attach_optimizer(self, optimizer) -> None:
+        for method in self.methods.values():
+            method.attach_optimizer(optimizer)
+
     def loss(self, model, batch, outputs):
         base = outputs.loss
         total = base

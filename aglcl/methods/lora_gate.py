@@ -8,6 +8,11 @@ makes any relevance on the factors A and B degenerate. For the new task each LoR
 so gradients reach A and B only through the entries the map leaves plastic. At every task
 boundary the delta learnt so far is merged into W with the gate it was trained under, and B is
 reset to zero, so later changes of S never rewrite what earlier tasks learnt.
+
+Under FSDP2 the forward sees whole (all-gathered) weights, so the gate ``S`` is kept whole on every
+rank (``gate_dtype`` bytes per gated base weight); :func:`merge_and_reset`, which runs outside the
+forward on sharded DTensors, gathers A and B (a collective: every rank merges the same layers in the
+same order) and adds each rank's piece of the merged delta to its shard of W.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from aglcl.engine import distributed as dist
 
 SUFFIX = ".base_layer.weight"
 
@@ -35,7 +42,8 @@ def _delta(layer) -> torch.Tensor | None:
     total = None
     for adapter in layer.active_adapters:
         if adapter in layer.lora_A:
-            d = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight * layer.scaling[adapter]
+            b, a = _whole(layer.lora_B[adapter].weight), _whole(layer.lora_A[adapter].weight)
+            d = b @ a * layer.scaling[adapter]
             total = d if total is None else total + d
     return total
 
@@ -50,6 +58,11 @@ def _gated_forward(self, x, *args, **kwargs):
     return result + F.linear(x, self._aglcl_gate.to(delta.dtype) * delta).to(result.dtype)
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a sharded DTensor is gathered; inside an FSDP2 forward weights are already whole)."""
+    return t.full_tensor() if dist.is_dtensor(t) else t
+
+
 @torch.no_grad()
 def merge_and_reset(layer) -> None:
     """W ← W + S ⊙ ΔW (S = the gate the delta was trained under, 1 if none); then B ← 0."""
@@ -59,10 +72,11 @@ def merge_and_reset(layer) -> None:
     gate = getattr(layer, "_aglcl_gate", None)
     if gate is not None:
         delta = gate.to(delta.dtype) * delta
-    layer.base_layer.weight.add_(delta.to(layer.base_layer.weight.dtype))
+    weight = layer.base_layer.weight
+    dist.local(weight).add_(dist.local_view(delta, weight).to(weight.dtype))  # FSDP2: this rank's rows
     for adapter in layer.active_adapters:
         if adapter in layer.lora_B:
-            layer.lora_B[adapter].weight.zero_()
+            dist.local(layer.lora_B[adapter].weight).zero_()
 
 
 def install_gate(layer, gate: torch.Tensor) -> None:
