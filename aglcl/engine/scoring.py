@@ -31,7 +31,7 @@ class LabelLikelihood:
         self.labels = list(labels) if labels else None
         self.normalize = normalize
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses the gathered buffers in training
     def __call__(self, model, tokenizer, task, examples, batch_size: int, max_length: int):
         labels = self.labels or task.labels
         metric = get_scorer(task.metric)
@@ -140,7 +140,7 @@ class Generation:
             return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
         return {"do_sample": False}
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 reuses the gathered buffers in training
     def __call__(self, model, tokenizer, task, examples, batch_size: int, max_length: int):
         metric = get_scorer(task.metric)
         device = next(model.parameters()).device

@@ -1,0 +1,65 @@
+"""``aglcl train`` end to end under ``torchrun`` (2 CPU processes, gloo): DDP resume, FSDP2 with AGFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_fixture_conf, tiny_overrides
+
+AGFT = ["method=agft", "attribution=grad_x_weight", "attribution.estimator.num_samples=4",
+        "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
+    env.pop("AGLCL_LAUNCH_TIME", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_port()), "-m", "aglcl", "train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def conf(tmp_path_factory):
+    return make_fixture_conf(tmp_path_factory.mktemp("dist_cli"))
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_ddp_stop_and_resume_equals_an_unbroken_ddp_run(conf, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ["distributed=ddp", *AGFT]
+    proc = torchrun(*tiny_overrides(conf, whole), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(*tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((split / "state.json").read_text())["next_task"] == 1
+    proc = torchrun(*tiny_overrides(conf, split), *args, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _results(whole), _results(split)
+    assert a["R"] == b["R"] and a["metrics"] == b["metrics"]
+    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
+    assert not list(tmp_path.glob("outputs/*"))  # every rank used the given run dir, none made its own
+
+
+def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(*tiny_overrides(conf, run), "distributed=fsdp2", *AGFT, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = _results(run)
+    assert len(results["R"]) == 2 and results["metrics"]["op"] is not None
+    assert (run / "importance" / "combined.safetensors.index.json").is_file()
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
