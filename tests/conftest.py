@@ -23,6 +23,9 @@ TASKS = {
     "sign": [(f"Is {n - 20} negative or positive?", "negative" if n < 20 else "positive") for n in range(40)],
 }
 
+# A third task, in the fixture's task list but not in its default order (sequence.order=[parity,sign,size]).
+EXTRA = {"size": [(f"Is {n} small or large?", "small" if n < 20 else "large") for n in range(40)]}
+
 
 def write_task_dir(root: Path, name: str, rows) -> Path:
     d = root / name
@@ -39,8 +42,8 @@ def make_fixture_conf(root: Path) -> Path:
     """A config dir for ``hydra.searchpath`` with ``sequence=fixture`` over two local TRACE-style tasks."""
     conf = root / "conf"
     (conf / "sequence").mkdir(parents=True)
-    tasks = {name: write_task_dir(root / "data", name, rows) for name, rows in TASKS.items()}
-    lines = ["# aglcl train sequence=fixture", "name: fixture", f"order: [{', '.join(tasks)}]", "tasks:"]
+    tasks = {name: write_task_dir(root / "data", name, rows) for name, rows in {**TASKS, **EXTRA}.items()}
+    lines = ["# aglcl train sequence=fixture", "name: fixture", f"order: [{', '.join(TASKS)}]", "tasks:"]
     for name, path in tasks.items():
         lines += [f"  {name}:", f"    source: {{_target_: aglcl.data.sources.LocalDir, path: {path}}}",
                   "    template: '{prompt} Answer:'",

@@ -13,20 +13,27 @@ def conf(tmp_path_factory):
     return make_fixture_conf(tmp_path_factory.mktemp("resume"))
 
 
-@pytest.mark.parametrize("method", [["method=seqft"], ["method=agft", "attribution.estimator.correct_only=false"]])
-def test_stop_then_resume_equals_an_unbroken_run(conf, tmp_path, method):
+@pytest.mark.parametrize(("method", "stop"), [
+    (["method=seqft"], 1),
+    (["method=agft", "attribution.estimator.correct_only=false"], 1),
+    # LoRA, 3 tasks, stopped after 2: task 3 starts from the delta task 2 learnt under task 1's gate
+    (["method=agft", "peft=lora", "attribution=grad_x_weight", "trainer.lr=5e-3",
+      "attribution.estimator.correct_only=false", "sequence.order=[parity,sign,size]"], 2),
+], ids=["seqft", "agft", "agft-lora"])
+def test_stop_then_resume_equals_an_unbroken_run(conf, tmp_path, method, stop):
     whole, split = tmp_path / "whole", tmp_path / "split"
     proc = run_cli("train", *tiny_overrides(conf, whole), *method, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_cli("train", *tiny_overrides(conf, split), *method, "stop_after=1", cwd=tmp_path)
+    proc = run_cli("train", *tiny_overrides(conf, split), *method, f"stop_after={stop}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (split / "results.json").exists()
-    assert json.loads((split / "state.json").read_text())["next_task"] == 1
-    assert (split / "checkpoint" / "task_1" / "model.safetensors").is_file()
+    assert json.loads((split / "state.json").read_text())["next_task"] == stop
+    assert (split / "checkpoint" / f"task_{stop}" / "model.safetensors").is_file()
     proc = run_cli("train", *tiny_overrides(conf, split), *method, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, split))
     assert a["R"] == b["R"] and a["b"] == b["b"] and a["metrics"] == b["metrics"]
+    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
 
 
 def test_resume_without_a_run_is_refused(conf, tmp_path):

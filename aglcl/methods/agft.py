@@ -200,6 +200,14 @@ class AGFT(Method):
             if optimizer.state.get(p):
                 p.addcmul_(_adam_step(p, group, optimizer.state[p]), held)
 
+    @torch.no_grad()
+    def after_task(self, index, task, model, data) -> None:
+        """Under LoRA: merge each adapter's delta into its base weight with the gate it was trained under, and
+        reset B. The model is then the same function with B = 0, so the task checkpoint holds everything a
+        resumed run needs (no gate has to be remembered) and attribution sees the effective weights."""
+        for layer in lora_layers(model).values():
+            merge_and_reset(layer)
+
     # -- helpers ------------------------------------------------------------------------------------
     def gate(self, rbar: torch.Tensor) -> torch.Tensor:
         """``s = 1 − λ·R̄``, zero where ``R̄ ≥ threshold``."""
