@@ -415,23 +415,23 @@ def _zero_flat(numels, world, stage, alignment=2):
 @pytest.mark.parametrize("numels", [[6, 10, 3], [1, 1, 1, 1, 1], [17]])
 def test_deepspeed_partition_layout(stage, numels):
     """The gate laid out on a rank's flat partition sits on exactly the elements that partition holds."""
-    from aglcl.engine import distributed as dist
+    from aglcl.engine import zero
 
     world = 4
     params, parts = _zero_flat(numels, world, stage)
     for r in range(world):
-        segs, size = (dist.zero2_segments if stage == 2 else dist.zero3_segments)(numels, world, r)
+        segs, size = (zero.zero2_segments if stage == 2 else zero.zero3_segments)(numels, world, r)
         assert size == parts[r].numel()
-        laid = dist.build_flat(segs, params, size, fill=-1.0)  # "gate" = the parameter values themselves
+        laid = zero.build_flat(segs, params, size, fill=-1.0)  # "gate" = the parameter values themselves
         torch.testing.assert_close(laid, parts[r], atol=0, rtol=0)
-        ungated = dist.build_flat(segs, [None] * len(params), size, fill=0.0)
+        ungated = zero.build_flat(segs, [None] * len(params), size, fill=0.0)
         assert not ungated.any()
 
 
 def test_agft_gates_the_client_optimizer_on_flat_partitions():
     """Update mode through the client optimizer's step hooks on a ZeRO-2-like flat partition equals the
     per-parameter update gate."""
-    from aglcl.engine import distributed as dist
+    from aglcl.engine.zero import deepspeed_engine_optimizer
     from aglcl.methods.agft import AGFT
 
     torch.manual_seed(0)
@@ -470,7 +470,7 @@ def test_agft_gates_the_client_optimizer_on_flat_partitions():
     m.set_importance(maps)
     m.before_task(1, None, net)
     zero = FakeZero2(list(net.parameters()))
-    assert dist.deepspeed_engine_optimizer(zero) is zero
+    assert deepspeed_engine_optimizer(zero) is zero
     m.attach_optimizer(zero)
     for _ in range(3):  # the engine: grads of the real params copied into the flat partition, then step
         ((net(x) - y) ** 2).mean().backward()

@@ -36,6 +36,7 @@ import math
 import torch
 
 from aglcl.engine import distributed as dist
+from aglcl.engine import zero
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
 from aglcl.methods.lora_gate import install_gate, lora_layers, merge_and_reset
@@ -153,16 +154,16 @@ class AGFT(Method):
         grad mode scales the partition's gradient before the step, update mode shrinks the step after
         it. Elsewhere a no-op: the regular hooks run.
         """
-        engine_opt = dist.deepspeed_engine_optimizer(optimizer)
+        engine_opt = zero.deepspeed_engine_optimizer(optimizer)
         self._detach_hooks()
         if engine_opt is None or not self._gates:
             return
         by_param = {id(p): g for p, g in self._gates}
         fill = 1.0 if self.mode == "grad" else 0.0  # ungated elements: s = 1 (held = 0)
-        for flat, params, segments in dist.deepspeed_partitions(engine_opt):
+        for flat, params, segments in zero.deepspeed_partitions(engine_opt):
             pieces = [by_param.get(id(p)) for p in params]
             if any(piece is not None for piece in pieces):
-                self._flat[id(flat)] = dist.build_flat(segments, pieces, flat.numel(), fill, self.gate_dtype,
+                self._flat[id(flat)] = zero.build_flat(segments, pieces, flat.numel(), fill, self.gate_dtype,
                                                        flat.device)
         client = engine_opt.optimizer
         self._hooks = [client.register_step_pre_hook(self._flat_pre), client.register_step_post_hook(self._flat_post)]
