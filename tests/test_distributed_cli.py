@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_fixture_conf, tiny_overrides
+from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
 
 AGFT = ["method=agft", "attribution=grad_x_weight", "attribution.estimator.num_samples=4",
         "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
@@ -63,3 +63,9 @@ def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path):
     assert len(results["R"]) == 2 and results["metrics"]["op"] is not None
     assert (run / "importance" / "combined.safetensors.index.json").is_file()
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
+
+
+def test_deepspeed_is_refused_in_one_line(conf, tmp_path):
+    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), "distributed=deepspeed_zero2", cwd=tmp_path)
+    assert proc.returncode == 2 and "fsdp2" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "state.json").exists()
