@@ -40,7 +40,7 @@ run: data  ## run the embedded default experiment offline (aglcl train)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/aglcl train
 
 test: $(DEV)  ## run the test suite (slow tests included)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: data  ## the benchmark scripts (throughput vs HF Trainer; AGFT overhead, attribution time, memory)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_train_throughput.py
