@@ -55,6 +55,25 @@ def test_ddp_stop_and_resume_equals_an_unbroken_ddp_run(conf, tmp_path):
     assert not list(tmp_path.glob("outputs/*"))  # every rank used the given run dir, none made its own
 
 
+def test_ddp_ewc_with_generation_scoring(tmp_path):
+    """Hooks get the unwrapped model (EWC's parameter names) and generation runs on it (DDP has no generate)."""
+    conf, run = make_fixture_conf(tmp_path), tmp_path / "run"
+    fixture = conf / "sequence" / "fixture.yaml"
+    fixture.write_text(fixture.read_text().replace(  # the first task scored by generation
+        "{_target_: aglcl.engine.scoring.LabelLikelihood, labels: null}",
+        "{_target_: aglcl.engine.scoring.Generation, max_new_tokens: 3}", 1))
+    proc = torchrun(*tiny_overrides(conf, run), "distributed=ddp", "method=ewc", "method.num_samples=4",
+                    "trainer.lr=5e-3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = _results(run)
+    assert len(results["R"]) == 2 and json.loads((run / "state.json").read_text())["done"]
+
+
+def test_fsdp2_refuses_methods_with_whole_tensor_state(conf, tmp_path):
+    proc = torchrun(*tiny_overrides(conf, tmp_path / "run"), "distributed=fsdp2", "method=ewc", cwd=tmp_path)
+    assert proc.returncode != 0 and "does not support distributed=fsdp2" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path):
     run = tmp_path / "run"
     proc = torchrun(*tiny_overrides(conf, run), "distributed=fsdp2", *AGFT, cwd=tmp_path)

@@ -56,6 +56,7 @@ FAULTS = [
     ("map-write", "os", "replace", 1, "combined.safetensors"),            # temp file written, not yet renamed
     ("checkpoint-write", "os", "replace", 3, "model.safetensors"),        # the task-1 checkpoint's weights
     ("state-write", "os", "replace", 3, "state.json"),                    # the state after the first step ckpt
+    ("results-write", "os", "replace", 1, "results.json"),                # the final results, before "done"
 ]
 
 

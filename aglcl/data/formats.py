@@ -306,9 +306,13 @@ def _concept1k_tasks(data_file: str, txt_file: str, config_file: str, stamp: tup
             where = f"{data_file}: task {key}"
             if not isinstance(splits, dict):
                 raise AglclError(f"{where}: expected an object with train/dev/test")
+            if not str(key).isdigit():
+                raise AglclError(f"{data_file}: task key {key!r} is not a task index (0, 1, ...)")
             tasks[int(key)] = {}
             for ours, theirs in (("train", "train"), ("eval", "dev"), ("test", "test")):
                 part = splits.get(theirs) or {}
+                if not isinstance(part, dict):
+                    raise AglclError(f"{where}: split {theirs!r} must be an object with 'input' and 'target' lists")
                 inputs, targets = part.get("input"), part.get("target")
                 if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets):
                     raise AglclError(f"{where}: split {theirs!r} needs equally long 'input' and 'target' lists")

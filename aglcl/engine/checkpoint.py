@@ -11,7 +11,7 @@ Layout. Each checkpoint is its own directory, written completely before ``state.
     checkpoint/task_<k>/          after k finished tasks: model.safetensors (weights), method.safetensors
                                   (the method's tensors), importance.safetensors (the combined map)
     checkpoint/task_<k>_step_<s>/ mid-task, s optimizer steps into task k+1: model.safetensors,
-                                  optimizer.pt, scheduler.pt, rng.pt, loop.json
+                                  optimizer.pt, scheduler.pt, rng_rank<r>.pt, loop.json
     config.json                   the run's resolved config; a resume with other values is refused
 
 ``state.json`` (written atomically) is the single pointer: ``checkpoint`` names the last task checkpoint,
@@ -98,7 +98,7 @@ def save_task(run_dir: Path, completed: int, model, method, attribution=None) ->
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
     try:
         import numpy as np
 
@@ -113,7 +113,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_python_state(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
@@ -130,16 +130,23 @@ def _as_python_state(state):
 def save_step(run_dir: Path, index: int, step: int, model, optimizer, scheduler, loop_state: dict) -> str:
     """Mid-task checkpoint ``step`` optimizer steps into task ``index`` (0-based); returns its relative path."""
     rel = f"{DIR}/task_{index}_step_{step}"
+    ckpt = Path(run_dir) / rel
     weights = _unique_state(model)
-    if not dist.is_main_process():  # replicated (DDP) state: rank 0 holds all of it
-        return rel
-    ckpt = _fresh(Path(run_dir) / rel)
-    _save_tensors(ckpt / MODEL, weights)
-    _save_torch(ckpt / "optimizer.pt", optimizer.state_dict())
-    _save_torch(ckpt / "scheduler.pt", scheduler.state_dict())
-    _save_torch(ckpt / "rng.pt", rng_state())
-    rundir.write_json(ckpt / "loop.json", {"task": index, "step": step, **loop_state})
+    if dist.is_main_process():
+        _fresh(ckpt)
+    dist.barrier()
+    _save_torch(ckpt / _rng_file(), rng_state())  # every rank its own generators (dropout differs per device)
+    if dist.is_main_process():  # replicated (DDP) state: rank 0 holds all of it
+        _save_tensors(ckpt / MODEL, weights)
+        _save_torch(ckpt / "optimizer.pt", optimizer.state_dict())
+        _save_torch(ckpt / "scheduler.pt", scheduler.state_dict())
+        rundir.write_json(ckpt / "loop.json", {"task": index, "step": step, **loop_state})
+    dist.barrier()
     return rel
+
+
+def _rng_file() -> str:
+    return f"rng_rank{dist.rank()}.pt"
 
 
 def _load_torch(path: Path):
@@ -162,7 +169,9 @@ def load_step(path: Path, optimizer, scheduler) -> dict:
         scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise AglclError(f"cannot resume: {path} does not match this optimizer ({exc})") from None
-    set_rng_state(_load_torch(path / "rng.pt"))
+    if not (path / _rng_file()).is_file():
+        raise AglclError(f"cannot resume: {path / _rng_file()} is missing (was the run made on fewer ranks?)")
+    set_rng_state(_load_torch(path / _rng_file()))
     return loop_state
 
 

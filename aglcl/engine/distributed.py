@@ -425,10 +425,11 @@ def gather_full(piece: torch.Tensor, param) -> torch.Tensor:
 
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over the default group (``sum`` or ``max``); a no-op in one process."""
+    """In-place all-reduce over the default group (``sum``, ``max`` or ``min``); a no-op in one process."""
     if not _dist_ready() or torch.distributed.get_world_size() == 1:
         return t
-    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+           "min": torch.distributed.ReduceOp.MIN}
     torch.distributed.all_reduce(t, op=ops[op])
     return t
 

@@ -75,6 +75,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     applied (``cfg.nan_policy=stop``) or skips that step (``skip``).
     """
     from aglcl.engine import checkpoint
+    from aglcl.engine import distributed as dist
     from aglcl.errors import AglclError
 
     generator = torch.Generator().manual_seed(cfg.seed + step_offset)
@@ -92,12 +93,16 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     # schedule would run W times too fast. It is stepped once per optimizer step below.
     optimizer, loader = accelerator.prepare(optimizer, loader)
     method.attach_optimizer(optimizer)
+    bare = accelerator.unwrap_model(model)  # what hooks see: parameter names without DDP's ``module.``
+    scaler = accelerator.scaler  # fp16: overflowing steps are the scaler's business, not the NaN policy's
     batches = _batches(loader)
     done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
     running = torch.zeros((), device=accelerator.device)
     if resume_from is not None:
         checkpoint.load_weights(resume_from, accelerator.unwrap_model(model))
         saved = checkpoint.load_step(resume_from, optimizer, scheduler)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         done, tokens, last, skipped, elapsed = (saved[k] for k in ("step", "tokens", "last", "skipped", "train_s"))
         running.fill_(saved["running"])
         for _ in range(done * cfg.grad_accum):  # the loader's own generator replays the same order
@@ -118,12 +123,16 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
                 accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.detach() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
-        method.after_backward(model)
+        method.after_backward(bare)
         if cfg.max_grad_norm:
             norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if not bool(torch.isfinite(step_loss) & torch.isfinite(torch.as_tensor(norm))):  # one sync per step
+        finite = torch.isfinite(step_loss)
+        if scaler is None:  # fp16's scaler skips overflowing steps itself and lowers its scale
+            norm = norm.full_tensor() if dist.is_dtensor(norm) else torch.as_tensor(norm)  # FSDP2: a DTensor
+            finite &= torch.isfinite(norm.to(finite.device))
+        if not bool(dist.all_reduce_(finite.to(torch.int32), op="min")):  # every rank decides alike; one sync
             if cfg.nan_policy == "stop":
                 raise AglclError(f"non-finite loss or gradient at step {step} of task '{task}' (loss "
                                  f"{step_loss.item():.4g}); stopped before applying it, the run dir keeps the last "
@@ -134,9 +143,10 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
         else:
-            method.before_step(model, optimizer)
+            method.before_step(bare, optimizer)
             optimizer.step()
-            method.after_step(model, optimizer)
+            if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step to shrink
+                method.after_step(bare, optimizer)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running += step_loss
@@ -153,7 +163,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
         if checkpoint_every and save_checkpoint is not None and step % checkpoint_every == 0:
             save_checkpoint(step, optimizer, scheduler, {
                 "tokens": tokens, "last": last, "skipped": skipped, "running": running.item(),
-                "train_s": time.perf_counter() - start})
+                "train_s": time.perf_counter() - start, "scaler": scaler.state_dict() if scaler else None})
     train_s = time.perf_counter() - start
     if bar is not None:
         progress.update(bar, completed=steps)

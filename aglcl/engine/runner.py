@@ -153,9 +153,12 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resume = cfg.get("resume", False)
     if resume not in checkpoint.RESUME_MODES:
         raise AglclError(f"resume={resume!r} is invalid; choose from: false, true, force")
-    config = _plain_config(cfg)
+    config = {**_plain_config(cfg), "world_size": dist.world_size()}  # a resume on other ranks changes the batch
     state = checkpoint.read_state(run_dir, names, config, force=resume == "force") if resume else None
     first = state["next_task"] if state is not None else 0
+    if engine.sharded and not getattr(method, "supports_sharded", True):
+        raise AglclError(f"method {type(method).__name__} keeps whole-tensor state and does not support "
+                         f"distributed={engine.engine} yet; use distributed=ddp")
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
@@ -181,17 +184,20 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
     stop_after = cfg.get("stop_after")
 
+    bare = accelerator.unwrap_model(model)  # hooks and scoring see parameter names without DDP's ``module.``
     if state is None:
         R, stats = [], {}
         timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
         if dist.is_main_process():
             checkpoint.write_config(run_dir, config)
         start = time.perf_counter()
-        b = evaluate_all(model, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
+        b = evaluate_all(bare, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
         timings["eval_s"] += time.perf_counter() - start
     else:
         R, b, stats, timings = state["R"], state["b"], state["train"], state["timings"]
         wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
+        if resume == "force" and dist.is_main_process():
+            checkpoint.write_config(run_dir, config)  # the forced values are the run's from now on
         for stale in run_dir.rglob(".*.tmp") if dist.is_main_process() else []:  # writes a kill interrupted
             stale.unlink(missing_ok=True)
         if attribution is not None and isinstance(task_ckpt, str):
@@ -226,13 +232,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             set_seed(trainer.seed + index)  # per task, so a resumed run draws what an unbroken one would
             if attribution is not None:
                 attribution.before_task(model)
-            method.before_task(index, task, model)
+            method.before_task(index, task, bare)
             examples = method.train_examples(index, task, encoded[task.name])
             resume_from = None
             if state is not None and index == first and state.get("step_checkpoint"):
                 resume_from = run_dir / state["step_checkpoint"]
-
-            bare = accelerator.unwrap_model(model)
 
             def save_step(step, optimizer, scheduler, loop_state, index=index, bare=bare):
                 rel = checkpoint.save_step(run_dir, index, step, bare, optimizer, scheduler, loop_state)
@@ -244,9 +248,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                                           resume_from=resume_from)
             timings["train_s"][task.name] = stats[task.name]["train_s"]
             start = time.perf_counter()
-            R.append(evaluate_all(model, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
+            R.append(evaluate_all(bare, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
             timings["eval_s"] += time.perf_counter() - start
-            method.after_task(index, task, model, encoded[task.name])
+            method.after_task(index, task, bare, encoded[task.name])
             if attribution is not None and (index + 1 < len(tasks) or attribution.after_last):
                 start = time.perf_counter()
                 combined = attribution.after_task(index + 1, task.name, model, encoded[task.name],
@@ -254,11 +258,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 timings["attribution_s"][task.name] = time.perf_counter() - start
                 method.set_importance(combined)
             if save_every_task and index + 1 < len(tasks):
-                task_ckpt = checkpoint.save_task(run_dir, index + 1, accelerator.unwrap_model(model), method,
-                                                 attribution)
+                task_ckpt = checkpoint.save_task(run_dir, index + 1, bare, method, attribution)
             elif not save_every_task:
                 task_ckpt = None
-            write_state(index + 1)
+            if index + 1 < len(tasks):  # after the last task, "done" is written only once the results are
+                write_state(index + 1)
             log.info("after %s: %s", task.name, "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
             if stop_after and index + 1 >= stop_after and index + 1 < len(tasks):
                 log.info("stop_after=%d: stopping; continue with resume=true", stop_after)
@@ -287,6 +291,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         write_matrix_csv(run_dir / rundir.R_CSV, names, R)
         plot_heatmap(names, R, run_dir / rundir.HEATMAP, title=f"R ({results['method']}, seed {trainer.seed})")
         rundir.write_json(run_dir / rundir.RESULTS, results)
+    write_state(len(tasks))
+    if dist.is_main_process():
         console.print(matrix_table(names, R, b))
         console.print(metrics_table(metrics))
     if diagonal_only and dist.is_main_process():

@@ -35,6 +35,7 @@ class EWC(Method):
     """Quadratic penalty anchoring Fisher-important weights to their values after earlier tasks."""
 
     name = "ewc"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, lam: float = 400.0, mode: str = "separate", gamma: float = 1.0, num_samples: int = 32,
                  batch_size: int = 8, correct_only: bool = False, include=("attn", "mlp"), seed: int = 0):

@@ -61,6 +61,7 @@ class LwF(Method):
     """Distil the previous model's answer distribution into the current one."""
 
     name = "lwf"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, temperature: float = 2.0, alpha: float = 1.0):
         if not temperature > 0:

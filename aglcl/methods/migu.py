@@ -78,6 +78,7 @@ class MIGU(Method):
     """Update only the output units of each linear layer whose output magnitude is in the top (1 − quantile)."""
 
     name = "migu"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, quantile: float = 0.7, from_task: int = 1):
         if not 0.0 < quantile < 1.0:

@@ -63,6 +63,7 @@ class OLoRA(Method):
     """One LoRA adapter per task, kept orthogonal (in A) to the frozen adapters of earlier tasks."""
 
     name = "olora"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, r: int = 8, alpha: float = 32.0, dropout: float = 0.1, target_modules=("q_proj", "v_proj"),
                  lambda_1: float = 0.5, lambda_2: float = 0.0):
@@ -94,6 +95,11 @@ class OLoRA(Method):
         from peft import PeftModel, get_peft_model
 
         super().setup(model, num_tasks, first)
+        from aglcl.engine import distributed as dist
+
+        if dist.is_distributed():  # adapters are added after the model is wrapped for DDP: not supported
+            raise AglclError("method=olora runs in one process only (it adds an adapter per task); launch without "
+                             "torchrun / accelerate launch")
         if isinstance(_unwrap(model), PeftModel):
             raise AglclError("method=olora manages its own LoRA adapters (one per task); use peft=none")
         try:

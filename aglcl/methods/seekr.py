@@ -184,6 +184,7 @@ class SEEKR(Method):
     """Replay with logit and selected-head attention distillation from the previous model."""
 
     name = "seekr"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, fraction: float = 0.01, ratio: float | None = None, logits_weight: float = 0.5,
                  attn_weight: float = 1e3, layer_budget: int = 24, head_budget: int = 128, seed: int = 0):

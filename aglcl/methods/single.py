@@ -23,6 +23,7 @@ class Single(Method):
     """Restore the initial trainable weights before each task."""
 
     name = "single"
+    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
     diagonal_only = True  # the runner reports only plasticity (mean of R's diagonal) for it
 
     def __init__(self):
