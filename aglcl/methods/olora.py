@@ -19,7 +19,7 @@ Adapters are PEFT's own: :meth:`setup` wraps the model with :func:`peft.get_peft
 ``LoraModel.set_adapter([...], inference_mode=True)`` (all frozen) and unfreezes the new one with
 ``PeftModel.set_requires_grad``. The optimizer is built after ``before_task`` from the trainable parameters, so it
 sees only the new adapter. On resume, :meth:`setup` re-creates ``task_0 .. task_<first-1>`` so that
-``checkpoint/model.safetensors`` loads into them. The method therefore needs ``peft=none``.
+``checkpoint/task_<k>/model.safetensors`` loads into them. The method therefore needs ``peft=none``.
 
 Memory: r·(d_in + d_out) parameters per target layer per task (about 0.1% of the model per task at r = 8 on
 q/v). Adapters are added after ``accelerator.prepare``; under DDP the parameter set of the wrapped model would
