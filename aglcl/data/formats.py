@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from aglcl.data.sources import check_split, read_json_list, to_examples
+from aglcl.data.sources import check_split, read_json_list, read_text, to_examples
 from aglcl.errors import AglclError, choices
 
 KEY = "task.source"
@@ -69,14 +69,7 @@ def _needed(always: tuple[str, ...], file: Path) -> list[str]:
 
 def load_json(file: Path) -> Any:
     """Parse a JSON file; AglclError with file:line:col on a syntax error or unreadable file."""
-    try:
-        text = file.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise AglclError(f"file not found: {file}") from None
-    except UnicodeDecodeError as e:
-        raise AglclError(f"{file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise AglclError(f"cannot read {file}: {e.strerror or e}") from None
+    text = read_text(file)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -99,7 +99,8 @@ def to_examples(
     return out
 
 
-def _read_text(file: Path) -> str:
+def read_text(file: Path) -> str:
+    """A UTF-8 file's text (BOM dropped, line ends kept); AglclError naming the file if it cannot be read."""
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:  # keep "\r" in quoted CSV fields as it is
             return f.read()
@@ -127,7 +128,7 @@ def _loads(text: str, where: str, what: str = "JSON", hint: str = "") -> Any:
 
 
 def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
-    data = _loads(_read_text(file), str(file), hint=" (it looks like JSON Lines: set format=jsonl)")
+    data = _loads(read_text(file), str(file), hint=" (it looks like JSON Lines: set format=jsonl)")
     if not isinstance(data, list):
         raise AglclError(f"{file}: expected a JSON list of objects, got a {type(data).__name__}")
     for i, record in enumerate(data):
@@ -136,7 +137,7 @@ def read_json_list(file: Path) -> Iterator[tuple[str, Any]]:
 
 def read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
     # JSON strings hold no raw \r or \n, but they may hold U+2028, form feeds, ... where splitlines() cuts
-    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", _read_text(file)), 1):
+    for lineno, line in enumerate(re.split(r"\r\n|\r|\n", read_text(file)), 1):
         if not line.strip():
             continue
         yield f"{file}:{lineno}", _loads(line, f"{file}:{lineno}", "JSON line")
@@ -144,7 +145,7 @@ def read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
 
 def read_csv(file: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
     # newline="": quoted fields may hold line breaks, and only \n, \r and \r\n end a row
-    reader = csv.DictReader(io.StringIO(_read_text(file), newline=""), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(read_text(file), newline=""), delimiter=delimiter)
     try:
         for record in reader:
             if None in record or None in record.values():
