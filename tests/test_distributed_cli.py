@@ -1,4 +1,5 @@
-"""``aglcl train`` end to end under ``torchrun`` (2 CPU processes, gloo): DDP resume, FSDP2 with AGFT."""
+"""``aglcl train`` end to end under ``torchrun`` (2 CPU processes, gloo): DDP resume and data sharding, FSDP2
+and DeepSpeed ZeRO-2 with AGFT, the engines' refusals."""
 
 from __future__ import annotations
 
@@ -84,7 +85,42 @@ def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path):
     assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
 
 
-def test_deepspeed_is_refused_in_one_line(conf, tmp_path):
-    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), "distributed=deepspeed_zero2", cwd=tmp_path)
-    assert proc.returncode == 2 and "fsdp2" in proc.stderr, proc.stderr[-2000:]
+def test_deepspeed_zero2_stop_and_resume_equals_an_unbroken_run(conf, tmp_path):
+    """ZeRO-2 (DeepSpeed's CPU accelerator, gloo): one engine per task, AGFT gating its flat partitions,
+    the weights handed back whole between tasks, so a resumed run equals an unbroken one."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ["distributed=deepspeed_zero2", *AGFT, "trainer.grad_accum=2"]
+    proc = torchrun(*tiny_overrides(conf, whole), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(*tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(*tiny_overrides(conf, split), *args, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _results(whole), _results(split)
+    assert a["R"] == b["R"] and a["metrics"] == b["metrics"]
+    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
+    assert all(a["train"][t]["skipped_steps"] == 0 for t in a["tasks"])
+
+
+def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
+    """One epoch under 2 ranks is half the optimizer steps of one process: each rank sees its own batches."""
+    args = ["trainer.max_steps=null", "trainer.epochs=1", "method=seqft", "stop_after=1"]
+    single = run_cli("train", *tiny_overrides(conf, tmp_path / "one"), *args, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = torchrun(*tiny_overrides(conf, tmp_path / "two"), "distributed=ddp", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "state.json").read_text())["train"]
+    two = json.loads((tmp_path / "two" / "state.json").read_text())["train"]
+    task = next(iter(one))
+    assert one[task]["steps"] > 1 and two[task]["steps"] == -(-one[task]["steps"] // 2)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["distributed=deepspeed_zero3"], "fsdp2"),
+    (["distributed=deepspeed_zero2", "method=migu"], ".grad"),
+    (["distributed=deepspeed_zero2", "checkpoint.every_steps=1"], "every_task"),
+])
+def test_deepspeed_refusals_are_one_line(conf, tmp_path, args, needle):
+    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), *args, cwd=tmp_path)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "state.json").exists()

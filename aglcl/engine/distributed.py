@@ -268,37 +268,90 @@ class DistributedConfig:
         """Parameters live as per-rank shards (FSDP2, ZeRO-3)."""
         return self.engine == "fsdp2" or (self.engine == "deepspeed" and self.zero_stage == 3)
 
-    def accelerator_kwargs(self, trainer=None) -> dict:
-        """Keyword arguments for ``accelerate.Accelerator`` (plugins, DDP kwargs handler).
+    def accelerator_kwargs(self) -> dict:
+        """Keyword arguments for ``accelerate.Accelerator``: DDP's kwargs handler under ``ddp``.
 
-        ``trainer`` (a :class:`~aglcl.engine.config.TrainerConfig`) supplies DeepSpeed's gradient
-        accumulation and clipping, which the engine then owns.
-
-        ``fsdp2`` returns no plugin: accelerate's FSDP2 path insists on preparing the model together with
-        its optimizer, while aglcl builds a fresh optimizer per task. The runner shards the model itself
-        with :meth:`shard_model` (and does not pass it to ``accelerator.prepare``); optimizer, loader and
-        scheduler are prepared per task as usual. :meth:`fsdp_plugin` builds accelerate's plugin for
-        code that prepares model and optimizer together.
+        ``fsdp2`` and ``deepspeed`` return nothing: accelerate's plugins for both insist on preparing the
+        model together with one optimizer for the whole run (and its DeepSpeed path needs a GPU), while aglcl
+        builds a fresh optimizer per task. FSDP2 shards the model with :meth:`shard_model`; DeepSpeed builds
+        one ZeRO engine per task (:meth:`stepper`, :meth:`deepspeed_config`). accelerate still launches,
+        shards the data and logs. :meth:`fsdp_plugin` builds accelerate's FSDP2 plugin for code that
+        prepares model and optimizer together.
         """
-        if self.engine in ("none", "fsdp2"):
+        if self.engine != "ddp":
             return {}
-        if self.engine == "ddp":
-            from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import DistributedDataParallelKwargs
 
-            return {"kwargs_handlers": [DistributedDataParallelKwargs(
-                find_unused_parameters=self.find_unused_parameters, bucket_cap_mb=self.bucket_cap_mb, **self.extra)]}
-        from accelerate.utils import DeepSpeedPlugin
+        return {"kwargs_handlers": [DistributedDataParallelKwargs(
+            find_unused_parameters=self.find_unused_parameters, bucket_cap_mb=self.bucket_cap_mb, **self.extra)]}
 
-        plugin = DeepSpeedPlugin(
-            zero_stage=self.zero_stage,
-            gradient_accumulation_steps=getattr(trainer, "grad_accum", 1),
-            gradient_clipping=getattr(trainer, "max_grad_norm", None) or 0.0,
-            offload_optimizer_device=self.offload_optimizer,
-            offload_param_device=self.offload_param,
-            zero3_init_flag=self.zero3_init,
-            zero3_save_16bit_model=True, **self.extra)
-        return {"deepspeed_plugin": plugin}
+    def check(self, method, every_steps: int = 0) -> None:
+        """Refuse, in one line naming a way out, what this engine cannot run (before anything is written)."""
+        name = f"distributed={self.engine}" + (f" (zero_stage={self.zero_stage})" if self.engine == "deepspeed" else "")
+        if self.engine == "deepspeed" and self.zero_stage == 3:
+            raise AglclError("distributed=deepspeed_zero3 is not supported: ZeRO-3 partitions the weights, and "
+                             "scoring, attribution and the methods read them whole between tasks; use "
+                             "distributed=fsdp2 (weights, gradients and AdamW state sharded, as in ZeRO-3) or "
+                             "distributed=deepspeed_zero2")
+        if every_steps and self.partitioned_optimizer:
+            raise AglclError(f"checkpoint.every_steps is not supported with {name} (partitioned optimizer "
+                             f"state); use checkpoint.every_task=true, or distributed=ddp")
+        if self.sharded and not getattr(method, "supports_sharded", True):
+            raise AglclError(f"method {type(method).__name__} keeps whole-tensor state and does not support "
+                             f"{name} yet; use distributed=ddp")
+        if self.engine == "deepspeed" and getattr(method, "reads_grads", False):
+            raise AglclError(f"method {type(method).__name__} edits parameters' .grad, which DeepSpeed keeps in "
+                             f"its own partitions; use distributed=ddp or distributed=fsdp2")
 
+    def place_model(self, model, accelerator, precision: str = "no"):
+        """The model as training sees it: DDP-wrapped by accelerate (``none``/``ddp``), FSDP2-sharded
+        (:meth:`shard_model`), or on the device and bare (``deepspeed``: each task builds its engine)."""
+        if self.engine == "fsdp2":
+            return self.shard_model(model, precision)
+        if self.engine == "deepspeed":
+            return model.to(accelerator.device)
+        return accelerator.prepare(model)
+
+    @property
+    def partitioned_optimizer(self) -> bool:
+        """AdamW's state is split over the ranks (FSDP2, any ZeRO stage): no mid-task checkpoints yet."""
+        return self.engine in ("fsdp2", "deepspeed")
+
+    def deepspeed_config(self, trainer, world: int) -> dict:
+        """The DeepSpeed config of one task's engine, from these fields and the trainer's batch settings.
+
+        Clipping is off in the engine: the stepper clips after the method's gate, as the accelerate path
+        does. ``extra`` is merged last (any DeepSpeed key, e.g. ``{"zero_optimization": {...}}`` parts
+        are replaced whole).
+        """
+        zero = {"stage": self.zero_stage}
+        if self.offload_optimizer != "none":
+            zero["offload_optimizer"] = {"device": self.offload_optimizer}
+        precision = getattr(trainer, "precision", "no")
+        config = {
+            "train_micro_batch_size_per_gpu": trainer.batch_size,
+            "gradient_accumulation_steps": trainer.grad_accum,
+            "train_batch_size": trainer.batch_size * trainer.grad_accum * world,
+            "gradient_clipping": 0.0,
+            "zero_optimization": zero,
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": precision == "fp16"},
+            "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+        }
+        return {**config, **self.extra}
+
+    def stepper(self, model, params, optimizer, accelerator, trainer, method):
+        """The object that takes this task's optimizer steps (:mod:`aglcl.engine.steppers`)."""
+        from aglcl.engine import steppers
+
+        if self.engine == "deepspeed":
+            config = self.deepspeed_config(trainer, accelerator.num_processes)
+            return steppers.DeepSpeedStepper(unwrap(model), params, optimizer, accelerator, trainer, config, method)
+        optimizer = accelerator.prepare(optimizer)
+        method.attach_optimizer(optimizer)
+        return steppers.AccelerateStepper(model, params, optimizer, accelerator, trainer)
 
     def fsdp_plugin(self):
         """accelerate's FSDP2 plugin for these settings (model and optimizer must then be prepared together)."""
@@ -343,6 +396,14 @@ class DistributedConfig:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         return model
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or another accelerator (else accelerate is told ``cpu=True``)."""
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return bool(probe.is_available())
+    return torch.cuda.is_available()  # pragma: no cover - torch < 2.6
 
 
 def unwrap(model):

@@ -7,7 +7,6 @@ clips, checks the loss and gradient norm are finite, steps, and calls ``method.a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -65,44 +64,48 @@ def encode_split(tokenizer, examples: list[dict], answer_prefix: str, max_length
 
 
 def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, progress=None, *, task: str,
-               step_offset: int = 0, checkpoint_every: int = 0, save_checkpoint=None, resume_from=None) -> dict:
+               step_offset: int = 0, checkpoint_every: int = 0, save_checkpoint=None, resume_from=None,
+               engine=None) -> dict:
     """Train on ``encoded`` examples; returns ``{"steps", "loss", "train_s", "tokens_per_s", "skipped_steps"}``.
 
-    Every ``checkpoint_every`` optimizer steps, ``save_checkpoint(step, optimizer, scheduler, loop_state)`` is
-    called; ``resume_from`` (a directory such a call wrote) continues from there: weights, optimizer,
-    scheduler and RNG state are restored and the batches already consumed are skipped, so the run goes on
-    exactly as an unbroken one would. A non-finite loss or gradient norm stops the task before the step is
-    applied (``cfg.nan_policy=stop``) or skips that step (``skip``).
+    ``engine`` (a :class:`~aglcl.engine.distributed.DistributedConfig`, default: accelerate's own) says who
+    takes the optimizer steps (:mod:`aglcl.engine.steppers`). Every ``checkpoint_every`` optimizer steps,
+    ``save_checkpoint(step, optimizer, scheduler, loop_state)`` is called; ``resume_from`` (a directory such
+    a call wrote) continues from there: weights, optimizer, scheduler and RNG state are restored and the
+    batches already consumed are skipped, so the run goes on exactly as an unbroken one would. A
+    non-finite loss or gradient norm stops the task before the step is applied (``cfg.nan_policy=stop``)
+    or skips that step (``skip``).
     """
+    from transformers import get_scheduler
+
     from aglcl.engine import checkpoint
     from aglcl.engine import distributed as dist
     from aglcl.errors import AglclError
 
+    engine = engine or dist.DistributedConfig()
     generator = torch.Generator().manual_seed(cfg.seed + step_offset)
     loader = DataLoader(encoded, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
+    loader = accelerator.prepare(loader)
+    # Each rank's loader holds 1/W of the batches, so with W ranks an epoch is W times fewer steps.
     steps = cfg.max_steps or max(1, math.ceil(len(loader) * cfg.epochs / cfg.grad_accum))
     params = [p for p in model.parameters() if p.requires_grad]
     fused = accelerator.device.type in ("cpu", "cuda")  # one kernel for all tensors: ~3x faster steps on CPU
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
-                              num_training_steps=steps)
     # The scheduler stays unprepared: accelerate's wrapper steps it once per process, so with W ranks a
     # schedule would run W times too fast. It is stepped once per optimizer step below.
-    optimizer, loader = accelerator.prepare(optimizer, loader)
-    method.attach_optimizer(optimizer)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                              num_training_steps=steps)
+    stepper = engine.stepper(model, params, optimizer, accelerator, cfg, method)
+    optimizer = stepper.optimizer
     bare = accelerator.unwrap_model(model)  # what hooks see: parameter names without DDP's ``module.``
-    scaler = accelerator.scaler  # fp16: overflowing steps are the scaler's business, not the NaN policy's
     batches = _batches(loader)
     done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
     running = torch.zeros((), device=accelerator.device)
     if resume_from is not None:
         checkpoint.load_weights(resume_from, accelerator.unwrap_model(model))
         saved = checkpoint.load_step(resume_from, optimizer, scheduler)
-        if scaler is not None and saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
+        stepper.load_scaler_state(saved.get("scaler"))
         done, tokens, last, skipped, elapsed = (saved[k] for k in ("step", "tokens", "last", "skipped", "train_s"))
         running.fill_(saved["running"])
         for _ in range(done * cfg.grad_accum):  # the loader's own generator replays the same order
@@ -116,40 +119,23 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
         step_loss = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = next(batches)
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                outputs = lm_forward(model, batch)
-                loss = method.loss(model, batch, outputs)
-                accelerator.backward(loss / cfg.grad_accum)
+            with stepper.micro(sync=micro == cfg.grad_accum - 1):
+                outputs = lm_forward(stepper.model, batch)
+                loss = method.loss(stepper.model, batch, outputs)
+                stepper.backward(loss)
             step_loss += loss.detach() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
-        method.after_backward(bare)
-        if cfg.max_grad_norm:
-            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if stepper.step(method, bare, step_loss):
+            running += step_loss
+        elif cfg.nan_policy == "stop":
+            raise AglclError(f"non-finite loss or gradient at step {step} of task '{task}' (loss "
+                             f"{step_loss.item():.4g}); stopped before applying it, the run dir keeps the last "
+                             f"checkpoint; lower trainer.lr, or set trainer.nan_policy=skip")
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        finite = torch.isfinite(step_loss)
-        if scaler is None:  # fp16's scaler skips overflowing steps itself and lowers its scale
-            norm = norm.full_tensor() if dist.is_dtensor(norm) else torch.as_tensor(norm)  # FSDP2: a DTensor
-            finite &= torch.isfinite(norm.to(finite.device))
-        if not bool(dist.all_reduce_(finite.to(torch.int32), op="min")):  # every rank decides alike; one sync
-            if cfg.nan_policy == "stop":
-                raise AglclError(f"non-finite loss or gradient at step {step} of task '{task}' (loss "
-                                 f"{step_loss.item():.4g}); stopped before applying it, the run dir keeps the last "
-                                 f"checkpoint; lower trainer.lr, or set trainer.nan_policy=skip")
             skipped += 1
             log.warning("skipping step %d of task %s: non-finite loss %.4g or gradient", step, task,
                         step_loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-        else:
-            method.before_step(bare, optimizer)
-            optimizer.step()
-            if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: no step to shrink
-                method.after_step(bare, optimizer)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            running += step_loss
+        scheduler.step()
         if step % cfg.log_every == 0 or step == steps:
             window = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
             last = running.item() / window
@@ -163,8 +149,9 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
         if checkpoint_every and save_checkpoint is not None and step % checkpoint_every == 0:
             save_checkpoint(step, optimizer, scheduler, {
                 "tokens": tokens, "last": last, "skipped": skipped, "running": running.item(),
-                "train_s": time.perf_counter() - start, "scaler": scaler.state_dict() if scaler else None})
+                "train_s": time.perf_counter() - start, "scaler": stepper.scaler_state()})
     train_s = time.perf_counter() - start
+    stepper.close()
     if bar is not None:
         progress.update(bar, completed=steps)
     _release(accelerator, optimizer, scheduler, loader)

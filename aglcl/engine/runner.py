@@ -139,16 +139,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
                          f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
     engine = instantiate(cfg.distributed) if _enabled(cfg.get("distributed")) else dist.DistributedConfig()
-    if engine.engine == "deepspeed":  # accelerate must prepare model + optimizer together, per task: not wired yet
-        raise AglclError("distributed=deepspeed_zero2/3 is not wired into the training loop yet (only AGFT's "
-                         "gate layout on ZeRO partitions is); use distributed=fsdp2 (ZeRO-3-like) or ddp")
     ckpt_cfg = cfg.get("checkpoint") or {}
     every_steps = int(ckpt_cfg.get("every_steps") or 0)
     if every_steps < 0:
         raise AglclError(f"checkpoint.every_steps={every_steps} is invalid: must be >= 1, or 0/null (off)")
-    if every_steps and engine.sharded:
-        raise AglclError(f"checkpoint.every_steps is not supported with distributed={engine.engine} (sharded optimizer "
-                         f"state); use checkpoint.every_task=true, or distributed=ddp")
+    engine.check(method, every_steps)
     save_every_task = bool(ckpt_cfg.get("every_task", False)) or every_steps > 0
     resume = cfg.get("resume", False)
     if resume not in checkpoint.RESUME_MODES:
@@ -156,9 +151,6 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     config = {**_plain_config(cfg), "world_size": dist.world_size()}  # a resume on other ranks changes the batch
     state = checkpoint.read_state(run_dir, names, config, force=resume == "force") if resume else None
     first = state["next_task"] if state is not None else 0
-    if engine.sharded and not getattr(method, "supports_sharded", True):
-        raise AglclError(f"method {type(method).__name__} keeps whole-tensor state and does not support "
-                         f"distributed={engine.engine} yet; use distributed=ddp")
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
     if _enabled(cfg.get("peft")):
@@ -172,13 +164,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log_with = cfg.logger.get("log_with")
     accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir),
-                              **engine.accelerator_kwargs(trainer))
+                              cpu=not dist.has_accelerator(),  # CPU-only: MULTI_CPU (gloo) under torchrun, not 1 process
+                              **engine.accelerator_kwargs())
     model = method.setup(model, len(tasks), first)
     task_ckpt = state.get("checkpoint") if state is not None else None
     if isinstance(task_ckpt, str):
         checkpoint.load_weights(run_dir / task_ckpt, model)
         checkpoint.load_method(run_dir / task_ckpt, method)
-    model = engine.shard_model(model, trainer.precision) if engine.engine == "fsdp2" else accelerator.prepare(model)
+    model = engine.place_model(model, accelerator, trainer.precision)
     if log_with:
         accelerator.init_trackers("aglcl")
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
@@ -245,7 +238,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             stats[task.name] = train_task(model, tokenizer, examples, method, trainer, accelerator,
                                           progress, task=task.name, step_offset=index * 10**6,
                                           checkpoint_every=every_steps, save_checkpoint=save_step,
-                                          resume_from=resume_from)
+                                          resume_from=resume_from, engine=engine)
             timings["train_s"][task.name] = stats[task.name]["train_s"]
             start = time.perf_counter()
             R.append(evaluate_all(bare, tokenizer, tasks, trainer, run_dir, index + 1, task.name))

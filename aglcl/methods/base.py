@@ -30,6 +30,7 @@ class Method:
     name = "method"
     num_tasks: int | None = None  # set by setup()
     supports_sharded = True  # False: keeps whole-tensor state, refused under distributed=fsdp2
+    reads_grads = False  # True: after_backward edits parameters' .grad (refused under DeepSpeed, which keeps them)
 
     def setup(self, model: Any, num_tasks: int, first: int) -> Any:
         """Called once before training; returns the model to train (e.g. with adapters added).

@@ -79,6 +79,7 @@ class MIGU(Method):
 
     name = "migu"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
+    reads_grads = True  # masks gradient rows in after_backward
 
     def __init__(self, quantile: float = 0.7, from_task: int = 1):
         if not 0.0 < quantile < 1.0:

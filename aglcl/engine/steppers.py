@@ -1,0 +1,156 @@
+"""How one optimizer step is taken: through accelerate (one process, DDP, FSDP2) or a DeepSpeed ZeRO engine.
+
+    aglcl train distributed=ddp               # AccelerateStepper on the prepared (DDP) model
+    aglcl train distributed=deepspeed_zero2   # DeepSpeedStepper: one ZeRO engine per task
+
+:func:`aglcl.engine.loop.train_task` gets one stepper per task from :meth:`DistributedConfig.stepper
+<aglcl.engine.distributed.DistributedConfig.stepper>` and drives it the same way whatever the engine::
+
+    for each micro-batch:  with stepper.micro(sync): loss = ...; stepper.backward(loss)
+    applied = stepper.step(method, bare, step_loss)      # False: non-finite, nothing applied
+    stepper.close()                                       # end of the task
+
+Both apply the method's gate once per optimizer step, then clip, then step, in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from aglcl.engine import distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def _clip_coef(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch's ``clip_grad_norm_`` factor: ``max_norm / (norm + 1e-6)``, at most 1."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+class AccelerateStepper:
+    """accelerate's way: ``no_sync`` on all but the last micro-batch, ``accelerator.backward`` of the loss
+    divided by ``grad_accum``, then the method's hooks, clipping, a finite check, and ``optimizer.step()``."""
+
+    def __init__(self, model, params, optimizer, accelerator, cfg):
+        self.model, self.params, self.accelerator, self.cfg = model, params, accelerator, cfg  # model: what runs forward
+        self.optimizer = optimizer  # prepared (accelerate's AcceleratedOptimizer)
+        self.scaler = accelerator.scaler  # fp16: overflowing steps are the scaler's business
+
+    def micro(self, sync: bool):
+        """Forward and backward of one micro-batch: gradients are all-reduced only when ``sync``."""
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss / self.cfg.grad_accum)
+
+    def step(self, method, bare, step_loss: torch.Tensor) -> bool:
+        method.after_backward(bare)
+        if self.cfg.max_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        finite = torch.isfinite(step_loss)
+        if self.scaler is None:  # fp16's scaler skips overflowing steps itself and lowers its scale
+            norm = norm.full_tensor() if dist.is_dtensor(norm) else torch.as_tensor(norm)  # FSDP2: a DTensor
+            finite &= torch.isfinite(norm.to(finite.device))
+        if not bool(dist.all_reduce_(finite.to(torch.int32), op="min")):  # every rank decides alike; one sync
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        method.before_step(bare, self.optimizer)
+        self.optimizer.step()
+        if not getattr(self.optimizer, "step_was_skipped", False):  # fp16 overflow: no step to shrink
+            method.after_step(bare, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def scaler_state(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def close(self) -> None:
+        pass
+
+
+class DeepSpeedStepper:
+    """A DeepSpeed ZeRO-1/2 engine around the bare model and the task's AdamW, built per task and torn down
+    at its end (hooks removed, full-precision weights put back), so that evaluation, attribution and the
+    method's ``after_task`` see a plain replicated model between tasks, as under DDP.
+
+    * Gradients and AdamW's state live in the engine's flat fp32 partitions, one per rank; the loss is
+      not divided by ``grad_accum`` (the engine scales it).
+    * The method's gate acts on those partitions through step hooks on the client optimizer
+      (``method.attach_optimizer``, e.g. :meth:`AGFT.attach_optimizer <aglcl.methods.agft.AGFT.attach_optimizer>`);
+      clipping to ``trainer.max_grad_norm`` is a hook registered after it, over the global norm of the
+      gated partitions, so the order is the one of the accelerate path: gate, clip, step.
+    * A non-finite gradient norm makes the engine skip the step (DeepSpeed's overflow check);
+      :meth:`step` then returns False and nothing was applied.
+    * Under bf16/fp16 the engine casts the model; :meth:`close` restores each weight from its fp32 master
+      copy and each buffer from before the task, so precision is not lost at task boundaries.
+    """
+
+    def __init__(self, bare, params, optimizer, accelerator, cfg, config: dict, method):
+        import deepspeed
+
+        self.cfg, self.bare, self.params = cfg, bare, params
+        self.model = bare  # forward runs on the module itself (ZeRO-1/2 keeps whole weights on every rank)
+        self._dtypes = [p.dtype for p in params]
+        self._buffers = {n: b.detach().clone() for n, b in bare.named_buffers() if b.is_floating_point()}
+        self.engine, self.engine_optimizer, _, _ = deepspeed.initialize(model=bare, optimizer=optimizer,
+                                                                        config=config)
+        self.optimizer = optimizer  # the client AdamW: what the scheduler drives and step hooks see
+        self.scaler = None
+        method.attach_optimizer(self.engine_optimizer)
+        self._hooks = [optimizer.register_step_pre_hook(self._clip)] if cfg.max_grad_norm else []
+
+    def micro(self, sync: bool):
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    @torch.no_grad()
+    def _clip(self, optimizer, args, kwargs) -> None:
+        """Clip the (already gated) partitions to ``max_grad_norm`` of the global norm over all ranks."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        sq = torch.zeros((), device=device, dtype=torch.float32)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        coef = _clip_coef(dist.all_reduce_(sq).sqrt(), self.cfg.max_grad_norm)  # partitions are disjoint
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+
+    def step(self, method, bare, step_loss: torch.Tensor) -> bool:
+        self.engine.step()
+        return bool(self.engine.was_step_applied())
+
+    def scaler_state(self) -> dict | None:
+        return None
+
+    def load_scaler_state(self, state: dict | None) -> None:
+        pass
+
+    @torch.no_grad()
+    def close(self) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        masters = [safe_get_full_fp32_param(p) for p in self.params]  # a collective: every rank calls it
+        for handle in self._hooks:
+            handle.remove()
+        self.engine.destroy()
+        for p, master, dtype in zip(self.params, masters, self._dtypes):
+            if master is not None:
+                p.data = master.to(p.device, dtype).clone()
+            elif p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        buffers = dict(self.bare.named_buffers())
+        for name, saved in self._buffers.items():
+            buffers[name].data = saved.to(buffers[name].device)
+        self.engine = self.engine_optimizer = None
