@@ -102,6 +102,38 @@ def test_deepspeed_zero2_stop_and_resume_equals_an_unbroken_run(conf, tmp_path):
     assert all(a["train"][t]["skipped_steps"] == 0 for t in a["tasks"])
 
 
+@pytest.mark.parametrize("extra", [[], ["peft=lora"]], ids=["full", "lora"])
+def test_deepspeed_zero3_trains_the_sequence_with_agft(conf, tmp_path, extra):
+    """ZeRO-3: weights partitioned while a task trains, handed back whole for scoring and attribution;
+    under LoRA the frozen base weights are gathered back too. The stepped result matches ZeRO-2's."""
+    runs = {}
+    for stage in ("deepspeed_zero2", "deepspeed_zero3"):
+        run = tmp_path / stage
+        proc = torchrun(*tiny_overrides(conf, run), f"distributed={stage}", *AGFT, "trainer.grad_accum=2", *extra,
+                        cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[stage] = _results(run)
+    a, b = runs["deepspeed_zero2"], runs["deepspeed_zero3"]
+    assert len(b["R"]) == 2 and b["metrics"]["op"] is not None
+    for t in a["tasks"]:
+        assert b["train"][t]["loss"] == pytest.approx(a["train"][t]["loss"], abs=1e-4)
+
+
+def test_deepspeed_runs_in_one_process_without_a_launcher(conf, tmp_path):
+    """No torchrun: a one-rank process group is started for DeepSpeed (ZeRO-Offload on one GPU works so).
+    Under bf16 the engine casts the model; the weights handed back (and checkpointed) are fp32 again."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    proc = run_cli("train", *tiny_overrides(conf, run), "distributed=deepspeed_zero2", *AGFT,
+                   "trainer.precision=bf16", "checkpoint.every_task=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_results(run)["R"]) == 2
+    with safe_open(str(run / "checkpoint" / "task_1" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F32"}
+
+
 def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
     """One epoch under 2 ranks is half the optimizer steps of one process: each rank sees its own batches."""
     args = ["trainer.max_steps=null", "trainer.epochs=1", "method=seqft", "stop_after=1"]
@@ -116,7 +148,8 @@ def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["distributed=deepspeed_zero3"], "fsdp2"),
+    (["distributed=deepspeed_zero3", "distributed.zero3_init=true"], "zero3_init=false"),
+    (["distributed=deepspeed_zero3", "method=ewc"], "whole-tensor"),
     (["distributed=deepspeed_zero2", "method=migu"], ".grad"),
     (["distributed=deepspeed_zero2", "checkpoint.every_steps=1"], "every_task"),
 ])

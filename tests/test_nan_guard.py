@@ -87,3 +87,55 @@ def test_skip_drops_the_poisoned_step_and_trains_on():
 def test_an_unknown_policy_names_the_key():
     with pytest.raises(AglclError, match=r"trainer.nan_policy='ignore'.*'skip', 'stop'"):
         TrainerConfig(nan_policy="ignore")
+
+
+_DEEPSPEED_POISON = """
+import json, sys, torch
+from accelerate import Accelerator
+from aglcl.data.collate import encode
+from aglcl.engine.config import TrainerConfig
+from aglcl.engine.distributed import DistributedConfig
+from aglcl.engine.loop import train_task
+from aglcl.errors import AglclError
+from aglcl.methods.base import Method
+from aglcl.models import build_tiny
+
+class PoisonLoss(Method):  # NaN loss at optimizer step 3 (DeepSpeed keeps the gradients to itself)
+    calls = 0
+    def loss(self, model, batch, outputs):
+        self.calls += 1
+        return outputs.loss * float("nan") if self.calls == 3 else outputs.loss
+
+torch.manual_seed(0)
+model, tok = build_tiny()
+data = [encode(tok, f"Is {n} even? Answer:", " yes" if n % 2 == 0 else " no", 32) for n in range(16)]
+cfg = TrainerConfig(max_steps=4, batch_size=4, precision="no", lr=1e-3, log_every=1, nan_policy=sys.argv[1])
+try:
+    stats = train_task(model, tok, data, PoisonLoss(), cfg, Accelerator(cpu=True), task="parity",
+                       engine=DistributedConfig(engine="deepspeed", zero_stage=2))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    print(json.dumps({"skipped": stats["skipped_steps"], "steps": stats["steps"], "finite": finite}))
+except AglclError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_deepspeed_engine_skips_or_stops_on_a_nan_loss(policy, tmp_path):
+    """DeepSpeed's own overflow check drops the poisoned step; the policy then counts it or stops the task."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _DEEPSPEED_POISON, policy], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if policy == "skip":
+        assert out == {"skipped": 1, "steps": 4, "finite": True}
+    else:
+        assert "step 3 of task 'parity'" in out["error"]

@@ -288,11 +288,9 @@ class DistributedConfig:
     def check(self, method, every_steps: int = 0) -> None:
         """Refuse, in one line naming a way out, what this engine cannot run (before anything is written)."""
         name = f"distributed={self.engine}" + (f" (zero_stage={self.zero_stage})" if self.engine == "deepspeed" else "")
-        if self.engine == "deepspeed" and self.zero_stage == 3:
-            raise AglclError("distributed=deepspeed_zero3 is not supported: ZeRO-3 partitions the weights, and "
-                             "scoring, attribution and the methods read them whole between tasks; use "
-                             "distributed=fsdp2 (weights, gradients and AdamW state sharded, as in ZeRO-3) or "
-                             "distributed=deepspeed_zero2")
+        if self.engine == "deepspeed" and self.zero3_init:
+            raise AglclError("distributed.zero3_init=true is not supported: aglcl builds the model whole and "
+                             "partitions it per task; use distributed.zero3_init=false, or distributed=fsdp2")
         if every_steps and self.partitioned_optimizer:
             raise AglclError(f"checkpoint.every_steps is not supported with {name} (partitioned optimizer "
                              f"state); use checkpoint.every_task=true, or distributed=ddp")
@@ -327,6 +325,8 @@ class DistributedConfig:
         zero = {"stage": self.zero_stage}
         if self.offload_optimizer != "none":
             zero["offload_optimizer"] = {"device": self.offload_optimizer}
+        if self.offload_param != "none":
+            zero["offload_param"] = {"device": self.offload_param}
         precision = getattr(trainer, "precision", "no")
         config = {
             "train_micro_batch_size_per_gpu": trainer.batch_size,

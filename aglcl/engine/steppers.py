@@ -78,9 +78,10 @@ class AccelerateStepper:
 
 
 class DeepSpeedStepper:
-    """A DeepSpeed ZeRO-1/2 engine around the bare model and the task's AdamW, built per task and torn down
-    at its end (hooks removed, full-precision weights put back), so that evaluation, attribution and the
-    method's ``after_task`` see a plain replicated model between tasks, as under DDP.
+    """A DeepSpeed ZeRO engine (stage 1, 2 or 3) around the bare model and the task's AdamW, built per task
+    and torn down at its end (hooks removed, full-precision weights put back whole), so that evaluation,
+    attribution and the method's ``after_task`` see a plain replicated model between tasks, as under DDP.
+    ZeRO-3 thus saves memory while a task trains, not between tasks (FSDP2 keeps everything sharded).
 
     * Gradients and AdamW's state live in the engine's flat fp32 partitions, one per rank; the loss is
       not divided by ``grad_accum`` (the engine scales it).
@@ -97,13 +98,16 @@ class DeepSpeedStepper:
     def __init__(self, bare, params, optimizer, accelerator, cfg, config: dict, method):
         import deepspeed
 
+        _init_process_group()
         self.cfg, self.bare, self.params = cfg, bare, params
-        self.model = bare  # forward runs on the module itself (ZeRO-1/2 keeps whole weights on every rank)
         self._dtypes = [p.dtype for p in params]
+        self._all_dtypes = {id(p): p.dtype for p in bare.parameters()}  # frozen ones too (LoRA's base)
+        self._device = next(bare.parameters()).device
         self._buffers = {n: b.detach().clone() for n, b in bare.named_buffers() if b.is_floating_point()}
         self.engine, self.engine_optimizer, _, _ = deepspeed.initialize(model=bare, optimizer=optimizer,
                                                                         config=config)
         self.optimizer = optimizer  # the client AdamW: what the scheduler drives and step hooks see
+        self.model = self.engine  # forward through the engine: ZeRO-3 counts micro-steps there (accumulation)
         self.scaler = None
         method.attach_optimizer(self.engine_optimizer)
         self._hooks = [optimizer.register_step_pre_hook(self._clip)] if cfg.max_grad_norm else []
@@ -139,18 +143,80 @@ class DeepSpeedStepper:
 
     @torch.no_grad()
     def close(self) -> None:
+        """Tear the engine down and leave the bare model as it was before the task, with the trained weights.
+
+        Every weight is rebuilt whole on every rank from the engine's fp32 master (trainable weights) or by
+        gathering it (frozen ones, ZeRO-3 only), one at a time (collectives: all ranks call this). Under
+        ZeRO-3 the partitioned parameters are replaced by plain ones and DeepSpeed's parameter dicts undone,
+        so the next task's engine partitions a fresh model.
+        """
         from deepspeed.utils import safe_get_full_fp32_param
 
-        masters = [safe_get_full_fp32_param(p) for p in self.params]  # a collective: every rank calls it
+        trainable = {id(p) for p in self.params}
+        dtypes = {id(p): d for p, d in zip(self.params, self._dtypes)}
+        whole: dict[int, torch.Tensor] = {}
+        for p in _unique_params(self.bare):
+            if id(p) in trainable:
+                whole[id(p)] = safe_get_full_fp32_param(p)
+            elif hasattr(p, "ds_id"):  # a frozen ZeRO-3 weight: gather its bit16 value
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    whole[id(p)] = p.data.detach().clone()
         for handle in self._hooks:
             handle.remove()
         self.engine.destroy()
-        for p, master, dtype in zip(self.params, masters, self._dtypes):
-            if master is not None:
-                p.data = master.to(p.device, dtype).clone()
-            elif p.dtype != dtype:
-                p.data = p.data.to(dtype)
+        for module in self.bare.modules():
+            original = module.__dict__.pop("_original_parameters", None)  # ZeRO-3 swapped in its own dict
+            if original is not None:
+                module._parameters = {k: dict.__getitem__(module._parameters, k) for k in dict.keys(module._parameters)}
+        fresh: dict[int, torch.nn.Parameter] = {}
+        for module in self.bare.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                value, dtype = whole.get(id(p)), dtypes.get(id(p), self._frozen_dtype(p))
+                if hasattr(p, "ds_id"):  # ZeRO-3: a new plain parameter (shared ones stay shared)
+                    if id(p) not in fresh:
+                        fresh[id(p)] = torch.nn.Parameter(value.to(self._device, dtype), requires_grad=p.requires_grad)
+                    module._parameters[name] = fresh[id(p)]
+                elif value is not None:
+                    p.data = value.to(p.device, dtype).clone()
+                elif p.dtype != dtype:
+                    p.data = p.data.to(dtype)
         buffers = dict(self.bare.named_buffers())
         for name, saved in self._buffers.items():
             buffers[name].data = saved.to(buffers[name].device)
         self.engine = self.engine_optimizer = None
+
+    def _frozen_dtype(self, p) -> torch.dtype:
+        return self._all_dtypes.get(id(p), p.dtype)
+
+
+def _init_process_group() -> None:
+    """DeepSpeed needs a process group even in one process (e.g. ZeRO-Offload on one GPU); without a
+    launcher's environment it would look for MPI. Start a one-rank group on a free local port instead."""
+    import os
+    import socket
+
+    import deepspeed
+
+    if dist.is_distributed() or torch.distributed.is_initialized():
+        deepspeed.init_distributed(auto_mpi_discovery=False)  # wraps the group accelerate started
+        return
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(auto_mpi_discovery=False)
+
+
+def _unique_params(model):
+    seen = set()
+    for module in model.modules():
+        for p in dict.values(module._parameters):  # not .items(): ZeRO-3's dict would gather on access
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield p
