@@ -23,11 +23,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, entry: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m aglcl train ARGS`` (or ``torchrun ENTRY... ARGS``)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
     env.pop("AGLCL_LAUNCH_TIME", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "aglcl", "train", *args]
+           "--master_port", str(_port()), *(entry or ["-m", "aglcl", "train"]), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -54,6 +55,29 @@ def test_ddp_stop_and_resume_equals_an_unbroken_ddp_run(conf, tmp_path):
     assert a["R"] == b["R"] and a["metrics"] == b["metrics"]
     assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
     assert not list(tmp_path.glob("outputs/*"))  # every rank used the given run dir, none made its own
+
+
+def test_fsdp2_killed_mid_task_resumes_from_its_step_checkpoint(conf, tmp_path):
+    """kill -9 after a step checkpoint under FSDP2: AdamW's sharded state was gathered into optimizer.pt by
+    rank 0; on resume every rank takes back its shard, and the run equals an unbroken one."""
+    from test_faults import KILLER
+
+    args = ["distributed=fsdp2", *AGFT, "trainer.max_steps=4", "checkpoint.every_steps=2"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    proc = torchrun(*tiny_overrides(conf, whole), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)  # each rank dies at its 3rd forward: task 1, step 3, after the step-2 checkpoint
+    proc = torchrun(*tiny_overrides(conf, run), *args, cwd=tmp_path,
+                    entry=[str(script), "aglcl.engine.loop", "lm_forward", "3", "*", "train"])
+    assert proc.returncode != 0 and not (run / "results.json").exists()
+    state = json.loads((run / "state.json").read_text())
+    assert state["step_checkpoint"] == "checkpoint/task_0_step_2", state
+    proc = torchrun(*tiny_overrides(conf, run), *args, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = _results(whole), _results(run)
+    assert a["R"] == b["R"] and a["metrics"] == b["metrics"]
+    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
 
 
 def test_ddp_ewc_with_generation_scoring(tmp_path):
@@ -151,7 +175,7 @@ def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
     (["distributed=deepspeed_zero3", "distributed.zero3_init=true"], "zero3_init=false"),
     (["distributed=deepspeed_zero3", "method=ewc"], "whole-tensor"),
     (["distributed=deepspeed_zero2", "method=migu"], ".grad"),
-    (["distributed=deepspeed_zero2", "checkpoint.every_steps=1"], "every_task"),
+    (["distributed=deepspeed_zero2", "checkpoint.every_steps=1"], "every_task=true"),
 ])
 def test_deepspeed_refusals_are_one_line(conf, tmp_path, args, needle):
     proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), *args, cwd=tmp_path)

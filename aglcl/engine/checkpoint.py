@@ -11,7 +11,8 @@ Layout. Each checkpoint is its own directory, written completely before ``state.
     checkpoint/task_<k>/          after k finished tasks: model.safetensors (weights), method.safetensors
                                   (the method's tensors), importance.safetensors (the combined map)
     checkpoint/task_<k>_step_<s>/ mid-task, s optimizer steps into task k+1: model.safetensors,
-                                  optimizer.pt, scheduler.pt, rng_rank<r>.pt, loop.json
+                                  optimizer.pt (under FSDP2 gathered whole, keyed by parameter name),
+                                  scheduler.pt, rng_rank<r>.pt, loop.json
     config.json                   the run's resolved config; a resume with other values is refused
 
 ``state.json`` (written atomically) is the single pointer: ``checkpoint`` names the last task checkpoint,
@@ -131,14 +132,15 @@ def save_step(run_dir: Path, index: int, step: int, model, optimizer, scheduler,
     """Mid-task checkpoint ``step`` optimizer steps into task ``index`` (0-based); returns its relative path."""
     rel = f"{DIR}/task_{index}_step_{step}"
     ckpt = Path(run_dir) / rel
-    weights = _unique_state(model)
+    weights = _unique_state(model)  # collectives under FSDP2: every rank gathers, rank 0 gets the tensors
+    optim = dist.optimizer_state_dict(model, optimizer)
     if dist.is_main_process():
         _fresh(ckpt)
     dist.barrier()
     _save_torch(ckpt / _rng_file(), rng_state())  # every rank its own generators (dropout differs per device)
-    if dist.is_main_process():  # replicated (DDP) state: rank 0 holds all of it
+    if dist.is_main_process():  # replicated (DDP) or gathered (FSDP2) state: rank 0 holds all of it
         _save_tensors(ckpt / MODEL, weights)
-        _save_torch(ckpt / "optimizer.pt", optimizer.state_dict())
+        _save_torch(ckpt / "optimizer.pt", optim)
         _save_torch(ckpt / "scheduler.pt", scheduler.state_dict())
         rundir.write_json(ckpt / "loop.json", {"task": index, "step": step, **loop_state})
     dist.barrier()
@@ -157,15 +159,22 @@ def _load_torch(path: Path):
                          f"{str(exc)[:120]})") from None
 
 
-def load_step(path: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG state from a mid-task checkpoint; returns its ``loop.json``."""
+def load_step(path: Path, optimizer, scheduler, model=None) -> dict:
+    """Restore optimizer, scheduler and RNG state from a mid-task checkpoint; returns its ``loop.json``.
+    ``model``: the trained module (under FSDP2, rank 0 reads the whole optimizer state and every rank keeps
+    its shard)."""
     path = Path(path)
     try:
         loop_state = json.loads((path / "loop.json").read_text())
     except (OSError, ValueError) as exc:
         raise AglclError(f"cannot resume: {path / 'loop.json'} is missing or unreadable ({exc})") from None
     try:
-        optimizer.load_state_dict(_load_torch(path / "optimizer.pt"))
+        sharded = model is not None and any(dist.is_dtensor(p) for p in model.parameters())
+        optim = _load_torch(path / "optimizer.pt") if dist.is_main_process() or not sharded else {}
+        if model is None:
+            getattr(optimizer, "optimizer", optimizer).load_state_dict(optim)
+        else:
+            dist.load_optimizer_state_dict(model, optimizer, optim)
         scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise AglclError(f"cannot resume: {path} does not match this optimizer ({exc})") from None
@@ -194,7 +203,7 @@ def load_weights(path: Path, model) -> None:
                   f"{tuple(own[wrong[0]].shape)} {own[wrong[0]].dtype}")
         raise AglclError(f"cannot resume: {file} does not match the model ({detail}; {len(unexpected)} unexpected, "
                          f"{len(wrong)} mismatched tensors)")
-    missing, _ = model.load_state_dict(weights, strict=False)
+    missing, _ = dist.load_full_state_dict(model, weights, strict=False)  # FSDP2: each rank keeps its shard
     absent = [n for n in missing if not _tied(own, n, weights)]  # tied duplicates are stored once
     if absent:
         raise AglclError(f"cannot resume: {file} lacks the model's tensor '{absent[0]}' ({len(absent)} missing)")

@@ -291,9 +291,9 @@ class DistributedConfig:
         if self.engine == "deepspeed" and self.zero3_init:
             raise AglclError("distributed.zero3_init=true is not supported: aglcl builds the model whole and "
                              "partitions it per task; use distributed.zero3_init=false, or distributed=fsdp2")
-        if every_steps and self.partitioned_optimizer:
-            raise AglclError(f"checkpoint.every_steps is not supported with {name} (partitioned optimizer "
-                             f"state); use checkpoint.every_task=true, or distributed=ddp")
+        if every_steps and self.engine == "deepspeed":
+            raise AglclError(f"checkpoint.every_steps is not supported with {name} (the engine's partitioned "
+                             f"state); use checkpoint.every_task=true, or distributed=fsdp2 or ddp")
         if self.sharded and not getattr(method, "supports_sharded", True):
             raise AglclError(f"method {type(method).__name__} keeps whole-tensor state and does not support "
                              f"{name} yet; use distributed=ddp")
@@ -309,11 +309,6 @@ class DistributedConfig:
         if self.engine == "deepspeed":
             return model.to(accelerator.device)
         return accelerator.prepare(model)
-
-    @property
-    def partitioned_optimizer(self) -> bool:
-        """AdamW's state is split over the ranks (FSDP2, any ZeRO stage): no mid-task checkpoints yet."""
-        return self.engine in ("fsdp2", "deepspeed")
 
     def deepspeed_config(self, trainer, world: int) -> dict:
         """The DeepSpeed config of one task's engine, from these fields and the trainer's batch settings.
@@ -433,6 +428,31 @@ def load_full_state_dict(model, state: dict[str, torch.Tensor], strict: bool = F
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     return set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def optimizer_state_dict(model, optimizer) -> dict:
+    """The optimizer's whole state for a checkpoint. Under FSDP2 a collective that gathers AdamW's sharded
+    state keyed by parameter name (only rank 0 gets it; the others an empty dict); else ``state_dict()``."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if not any(is_dtensor(p) for p in model.parameters()):
+        return inner.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if is_main_process() else {}
+
+
+def load_optimizer_state_dict(model, optimizer, state: dict) -> None:
+    """Inverse of :func:`optimizer_state_dict`. Under FSDP2 rank 0 passes the whole state and every rank
+    keeps its shard (broadcast tensor by tensor; the other ranks may pass an empty dict)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not any(is_dtensor(p) for p in model.parameters()):
+        inner.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, inner, optim_state_dict=state if is_main_process() else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 # -- shards ------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     running = torch.zeros((), device=accelerator.device)
     if resume_from is not None:
         checkpoint.load_weights(resume_from, accelerator.unwrap_model(model))
-        saved = checkpoint.load_step(resume_from, optimizer, scheduler)
+        saved = checkpoint.load_step(resume_from, optimizer, scheduler, accelerator.unwrap_model(model))
         stepper.load_scaler_state(saved.get("scaler"))
         done, tokens, last, skipped, elapsed = (saved[k] for k in ("step", "tokens", "last", "skipped", "train_s"))
         running.fill_(saved["running"])
