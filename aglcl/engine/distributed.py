@@ -288,6 +288,9 @@ class DistributedConfig:
     def check(self, method, every_steps: int = 0) -> None:
         """Refuse, in one line naming a way out, what this engine cannot run (before anything is written)."""
         name = f"distributed={self.engine}" + (f" (zero_stage={self.zero_stage})" if self.engine == "deepspeed" else "")
+        if self.engine == "fsdp2" and self.cpu_offload and not has_accelerator():
+            raise AglclError("distributed.cpu_offload=true needs a GPU (it moves the shards from the device to "
+                             "host memory) and this machine has none; use distributed.cpu_offload=false")
         if self.engine == "deepspeed" and self.zero3_init:
             raise AglclError("distributed.zero3_init=true is not supported: aglcl builds the model whole and "
                              "partitions it per task; use distributed.zero3_init=false, or distributed=fsdp2")
