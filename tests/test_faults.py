@@ -145,3 +145,22 @@ def test_a_checkpoint_of_another_model_is_refused(conf, tmp_path, stopped):
                    cwd=tmp_path)
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_machine_paths_do_not_count_as_a_config_change():
+    """A run resumed on another machine, or with its data moved, keeps its identity: ``${paths.*}`` values
+    are stored as placeholders, while a real change is still named."""
+    from hydra import compose, initialize_config_dir
+
+    from aglcl.engine.checkpoint import config_diff
+    from aglcl.engine.runner import _plain_config
+    from aglcl.paths import conf_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
+        a = compose("train", overrides=["sequence=trace", "paths.data_root=/data/a", "paths.cache_dir=/c/a"])
+        b = compose("train", overrides=["sequence=trace", "paths.data_root=/mnt/b", "paths.cache_dir=/c/b"])
+        c = compose("train", overrides=["sequence=trace", "paths.data_root=/data/a", "trainer.lr=1e-3"])
+    plain = _plain_config(a)
+    assert "<paths.data_root>/TRACE" in json.dumps(plain) and "/data/a" not in json.dumps(plain)
+    assert config_diff(plain, _plain_config(b)) == []
+    assert [d.split(" ")[0] for d in config_diff(plain, _plain_config(c))] == ["trainer.lr"]

@@ -91,15 +91,22 @@ def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_
 
 
 def _plain_config(cfg: DictConfig) -> dict:
-    """The resolved config without ``hydra`` and ``paths`` (machine-specific; ``paths.output_dir`` needs Hydra's
-    runtime): stored as ``config.json`` and compared on resume. Interpolations into ``paths`` still resolve."""
+    """The resolved config without ``hydra`` and ``paths``: stored as ``config.json`` and compared on resume.
+
+    Machine paths are not part of a run's identity: every ``${paths.<key>}`` is resolved to the placeholder
+    ``<paths.<key>>``, so a run resumed on another machine (or with its data moved) is not refused for it.
+    """
     from omegaconf import OmegaConf
 
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    container["paths"] = {k: f"<paths.{k}>" for k in (container.get("paths") or {})}
+    masked = OmegaConf.create(container)
     out = {}
-    for key in cfg:
-        if key in ("hydra", "paths"):
+    for key in masked:
+        if key == "paths":
             continue
-        value = cfg[key]
+        value = masked[key]
         out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
     return out
 
