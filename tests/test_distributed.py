@@ -102,6 +102,30 @@ def train_once(mode: str, engine: str, accelerator, batch_size: int) -> dict[str
     return out
 
 
+def ewc_once(engine: str, accelerator, batch_size: int) -> dict[str, torch.Tensor]:
+    """EWC after a first task (F on every weight, θ*), then STEPS steps of a second one: the weights and the
+    gathered (F, θ*) a checkpoint would hold. Under FSDP2 F and θ* are per-rank shards."""
+    from aglcl.engine import distributed as dist
+    from aglcl.engine.loop import train_task
+    from aglcl.methods.ewc import EWC
+    from aglcl.models import build_tiny
+
+    model, tok = build_tiny()
+    model = _engine(model, engine, accelerator)
+    method = EWC(lam=1e4, num_samples=8, batch_size=2, include=["attn", "mlp"])
+    method.num_tasks = 2
+    data = _data(tok)
+    method.after_task(0, None, accelerator.unwrap_model(model), data[:8])
+    with torch.no_grad():  # move away from θ*, so the penalty pulls from the first step on
+        for p in dist.unwrap(model).parameters():
+            dist.local(p).mul_(1.01)
+    method.before_task(1, None, accelerator.unwrap_model(model))
+    train_task(model, tok, data, method, _trainer(batch_size), accelerator, task="t", engine=_spec(engine))
+    out = {f"w/{n}": t.detach().clone() for n, t in dist.full_state_dict(dist.unwrap(model)).items()}
+    out.update({f"state/{k}": v.detach().clone() for k, v in method.state_dict().items()})
+    return out
+
+
 def _spec(engine: str):
     from aglcl.engine.distributed import DistributedConfig
 
@@ -194,6 +218,8 @@ def _worker(engine: str, out_dir: Path) -> None:
         results.update({f"{mode}/{k}": v for k, v in train_once(mode, engine, accelerator, PER_RANK).items()})
     results.update({f"attr/{k}": v for k, v in attribute_once(engine, accelerator, out_dir / "run").items()})
     results.update({f"lora/{k}": v for k, v in lora_once(engine, accelerator).items()})
+    if engine != "deepspeed3":  # EWC's penalty reads the weights outside the forward: refused under ZeRO-3
+        results.update({f"ewc/{k}": v for k, v in ewc_once(engine, accelerator, PER_RANK).items()})
     rank = dist.rank()
     save_file({k: v.contiguous() for k, v in results.items()}, str(out_dir / f"rank{rank}.safetensors"))
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"stamp": stamp, "main": dist.is_main_process()}))
@@ -233,6 +259,7 @@ def reference() -> dict[str, torch.Tensor]:
         with tempfile.TemporaryDirectory() as tmp:
             out.update({f"attr/{k}": v for k, v in attribute_once("none", accelerator, Path(tmp)).items()})
         out.update({f"lora/{k}": v for k, v in lora_once("none", accelerator).items()})
+        out.update({f"ewc/{k}": v for k, v in ewc_once("none", accelerator, WORLD * PER_RANK).items()})
         return out
     finally:
         torch.set_num_threads(threads)
@@ -284,6 +311,19 @@ def test_lora_gate_matches_one_process(launched, reference):
     for rank in range(WORLD):
         torch.testing.assert_close(_read(out, rank)["lora/logits"], reference["lora/logits"], atol=1e-5, rtol=0,
                                    msg=f"{engine} rank {rank}")
+
+
+def test_ewc_matches_one_process(launched, reference):
+    """EWC's penalty under DDP, FSDP2 (on each rank's shard of F and θ*) and ZeRO-2 moves the weights as in
+    one process, and the state a checkpoint writes is the same whole F and θ*."""
+    engine, out = launched
+    if engine == "deepspeed3":
+        pytest.skip("EWC is refused under ZeRO-3")
+    got = _read(out, 0)
+    keys = [k for k in reference if k.startswith("ewc/")]
+    assert any(k.startswith("ewc/state/fisher.0.") for k in keys) and all(k in got for k in keys)
+    for k in keys:
+        torch.testing.assert_close(got[k], reference[k], atol=1e-5, rtol=1e-4, msg=f"{engine} {k}")
 
 
 def test_run_dir_artifacts_and_timestamp(launched):

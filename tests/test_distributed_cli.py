@@ -95,7 +95,7 @@ def test_ddp_ewc_with_generation_scoring(tmp_path):
 
 
 def test_fsdp2_refuses_methods_with_whole_tensor_state(conf, tmp_path):
-    proc = torchrun(*tiny_overrides(conf, tmp_path / "run"), "distributed=fsdp2", "method=ewc", cwd=tmp_path)
+    proc = torchrun(*tiny_overrides(conf, tmp_path / "run"), "distributed=fsdp2", "method=lwf", cwd=tmp_path)
     assert proc.returncode != 0 and "does not support distributed=fsdp2" in proc.stderr, proc.stderr[-3000:]
 
 

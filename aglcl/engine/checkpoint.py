@@ -83,10 +83,11 @@ def save_task(run_dir: Path, completed: int, model, method, attribution=None) ->
     rel = f"{DIR}/task_{completed}"
     ckpt = Path(run_dir) / rel
     weights = _unique_state(model)  # every rank: a collective under FSDP2
+    state = method.state_dict()  # every rank: sharded method state (EWC under FSDP2) is gathered
     if dist.is_main_process():
         _fresh(ckpt)
         _save_tensors(ckpt / MODEL, weights)
-        tensors = {k: v.contiguous().cpu() for k, v in method.state_dict().items() if torch.is_tensor(v)}
+        tensors = {k: v.contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
         if tensors:
             _save_tensors(ckpt / METHOD, tensors)
     dist.barrier()

@@ -297,9 +297,12 @@ class DistributedConfig:
         if every_steps and self.engine == "deepspeed":
             raise AglclError(f"checkpoint.every_steps is not supported with {name} (the engine's partitioned "
                              f"state); use checkpoint.every_task=true, or distributed=fsdp2 or ddp")
-        if self.sharded and not getattr(method, "supports_sharded", True):
-            raise AglclError(f"method {type(method).__name__} keeps whole-tensor state and does not support "
-                             f"{name} yet; use distributed=ddp")
+        zero3 = self.engine == "deepspeed" and self.zero_stage == 3
+        if self.sharded and not (getattr(method, "supports_sharded", True)
+                                 and (not zero3 or getattr(method, "supports_zero3", True))):
+            raise AglclError(f"method {type(method).__name__} keeps whole-tensor state or reads the weights "
+                             f"outside the forward, and does not support {name} yet; use distributed=ddp"
+                             + ("" if zero3 else " or deepspeed_zero2"))
         if self.engine == "deepspeed" and getattr(method, "reads_grads", False):
             raise AglclError(f"method {type(method).__name__} edits parameters' .grad, which DeepSpeed keeps in "
                              f"its own partitions; use distributed=ddp or distributed=fsdp2")

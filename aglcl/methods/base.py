@@ -29,7 +29,8 @@ class Method:
 
     name = "method"
     num_tasks: int | None = None  # set by setup()
-    supports_sharded = True  # False: keeps whole-tensor state, refused under distributed=fsdp2
+    supports_sharded = True  # False: keeps whole-tensor state, refused under distributed=fsdp2 and ZeRO-3
+    supports_zero3 = True  # False: reads the weights outside the forward (ZeRO-3 empties them there)
     reads_grads = False  # True: after_backward edits parameters' .grad (refused under DeepSpeed, which keeps them)
 
     def setup(self, model: Any, num_tasks: int, first: int) -> Any:

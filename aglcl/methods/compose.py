@@ -30,6 +30,7 @@ class Compose(Method):
         self.methods = dict(methods)
         self.needs_importance = any(getattr(m, "needs_importance", False) for m in self.methods.values())
         self.supports_sharded = all(getattr(m, "supports_sharded", True) for m in self.methods.values())
+        self.supports_zero3 = all(getattr(m, "supports_zero3", True) for m in self.methods.values())
         self.reads_grads = any(getattr(m, "reads_grads", False) for m in self.methods.values())
 
     def setup(self, model, num_tasks, first):

@@ -16,6 +16,12 @@ weights at that point. Only trainable weights are penalised: under LoRA the base
 * ``separate``: one (F_k, θ*_k) pair per finished task. Memory: 2 float copies of the selected weights *per
   task*, on the model's device (and in ``checkpoint/method.safetensors``).
 * ``online`` (online EWC / EWC++): a single pair, F ← γ·F + F_new and θ* ← θ; memory O(1) in the tasks.
+
+Under FSDP2 (``distributed=fsdp2``) F and θ* are kept as each rank's shard of the weight, and each rank adds
+the penalty of its shard: FSDP2 averages the task gradients over the ranks, and the penalty's gradient lands
+on the shard it belongs to, as under DDP. The logged loss holds rank 0's shard of the penalty. Checkpoints
+gather them whole (``state_dict`` is a collective there). Not under ZeRO-3, whose weights are empty outside
+the forward.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import re
 import torch
 
 from aglcl.attribution.estimators import Fisher
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
 
@@ -35,7 +42,7 @@ class EWC(Method):
     """Quadratic penalty anchoring Fisher-important weights to their values after earlier tasks."""
 
     name = "ewc"
-    supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
+    supports_zero3 = False  # the penalty reads the weights outside the forward
 
     def __init__(self, lam: float = 400.0, mode: str = "separate", gamma: float = 1.0, num_samples: int = 32,
                  batch_size: int = 8, correct_only: bool = False, include=("attn", "mlp"), seed: int = 0):
@@ -53,17 +60,22 @@ class EWC(Method):
         self.lam, self.mode, self.gamma = float(lam), mode, float(gamma)
         self.anchors: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # [(F_k, θ*_k)]
         self._terms: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._params: dict[str, torch.nn.Parameter] = {}  # the live parameters F and θ* belong to
 
     def before_task(self, index, task, model) -> None:
-        """Bind each stored (F, θ*) to its live parameter, moving it to the parameter's device once."""
-        params = dict(model.named_parameters())
+        """Bind each stored (F, θ*) to its live parameter, as the piece of it this rank holds (the whole
+        tensor unless FSDP2 shards it), moved to the parameter's device once."""
+        params = dict(dist.unwrap(model).named_parameters())
         self._terms = []
         for fisher, star in self.anchors:
             for name in fisher:
                 if name not in params:
                     raise AglclError(f"EWC state names parameter '{name}', which the model does not have")
                 p = params[name]
-                fisher[name], star[name] = fisher[name].to(p.device), star[name].to(p.device)
+                self._params[name] = p
+                device = dist.local(p).device
+                fisher[name] = dist.local_view(fisher[name], p).to(device)
+                star[name] = dist.local_view(star[name], p).to(device)
                 if p.requires_grad:
                     self._terms.append((p, fisher[name], star[name]))
 
@@ -72,7 +84,7 @@ class EWC(Method):
 
     def penalty(self) -> torch.Tensor:
         """(λ/2) Σ_k Σ_i F_k,i (θ_i − θ*_k,i)² over the bound parameters."""
-        total = sum((f * (p.float() - s.float()).pow(2)).sum() for p, f, s in self._terms)
+        total = sum((f * (dist.local(p).float() - s.float()).pow(2)).sum() for p, f, s in self._terms)
         return 0.5 * self.lam * total
 
     def after_task(self, index, task, model, data) -> None:
@@ -86,9 +98,10 @@ class EWC(Method):
             fisher = self.fisher(model, data, _pad_id(model))
         except AglclError as exc:
             raise _method_key(exc) from None
-        params = dict(model.named_parameters())
-        fisher = {n: f.to(params[n].device) for n, f in fisher.items()}
-        star = {n: params[n].detach().clone() for n in fisher}
+        params = dict(dist.unwrap(model).named_parameters())
+        self._params.update({n: params[n] for n in fisher})
+        fisher = {n: f.to(dist.local(params[n]).device) for n, f in fisher.items()}  # FSDP2: local pieces
+        star = {n: dist.local(params[n].detach()).clone() for n in fisher}
         if self.mode == "online" and self.anchors:
             old, _ = self.anchors[0]
             fisher = {n: old[n].to(f.device).mul(self.gamma).add_(f) for n, f in fisher.items()}
@@ -97,12 +110,19 @@ class EWC(Method):
         self._terms = []
 
     def state_dict(self) -> dict:
-        """``fisher.<k>.<param>`` and ``star.<k>.<param>`` for each stored pair k."""
+        """``fisher.<k>.<param>`` and ``star.<k>.<param>`` for each stored pair k, whole (under FSDP2 a
+        collective: every rank calls it and gets the gathered tensors)."""
         out = {}
         for k, (fisher, star) in enumerate(self.anchors):
-            out.update({f"fisher.{k}.{n}": t for n, t in fisher.items()})
-            out.update({f"star.{k}.{n}": t for n, t in star.items()})
+            for kind, tensors in (("fisher", fisher), ("star", star)):
+                out.update({f"{kind}.{k}.{n}": self._whole(n, t) for n, t in tensors.items()})
         return out
+
+    def _whole(self, name: str, piece: torch.Tensor) -> torch.Tensor:
+        param = self._params.get(name)
+        if param is None or not dist.is_dtensor(param) or tuple(piece.shape) == tuple(param.shape):
+            return piece
+        return dist.gather_full(piece, param).cpu()
 
     def load_state_dict(self, state: dict) -> None:
         pairs: dict[int, tuple[dict, dict]] = {}
