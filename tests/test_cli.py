@@ -108,3 +108,15 @@ def test_tensorboard_logger_writes_event_files(trained, tmp_path):
     proc = run_cli("train", *tiny_overrides(conf, run), "logger=tensorboard", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list((run / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_fp16_without_a_gpu_warns_that_it_runs_fp32(tmp_path):
+    """accelerate has no fp16 autocast or grad scaler on CPU: the run goes on in fp32 and says so."""
+    from aglcl.engine.distributed import has_accelerator
+
+    if has_accelerator():
+        pytest.skip("a GPU is present: fp16 is real here")
+    conf, run = make_fixture_conf(tmp_path), tmp_path / "run"
+    proc = run_cli("train", *tiny_overrides(conf, run), "trainer.precision=fp16", "stop_after=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainer.precision=fp16 has no effect on cpu" in proc.stdout + proc.stderr

@@ -173,6 +173,9 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                               project_dir=cfg.logger.get("logging_dir") or str(run_dir),
                               cpu=not dist.has_accelerator(),  # CPU-only: MULTI_CPU (gloo) under torchrun, not 1 process
                               **engine.accelerator_kwargs())
+    if trainer.precision == "fp16" and accelerator.scaler is None and engine.engine != "deepspeed":
+        log.warning("trainer.precision=fp16 has no effect on %s (accelerate runs fp32 there); use "
+                    "trainer.precision=bf16", accelerator.device.type)
     model = method.setup(model, len(tasks), first)
     task_ckpt = state.get("checkpoint") if state is not None else None
     if isinstance(task_ckpt, str):
