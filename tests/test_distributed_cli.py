@@ -150,6 +150,14 @@ def test_deepspeed_zero3_trains_the_sequence_with_agft(conf, tmp_path, extra):
     assert (run / "importance" / "combined.safetensors").is_file()  # attribution ran on the gathered model
 
 
+def test_deepspeed_zero2_seekr_distils_through_the_engine(conf, tmp_path):
+    """SEEKR's loss gets the DeepSpeed engine as the model: it must reach the module under it for attention maps."""
+    run = tmp_path / "run"
+    proc = torchrun(*tiny_overrides(conf, run), "distributed=deepspeed_zero2", "method=seekr", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert len(_results(run)["R"]) == 2
+
+
 def test_deepspeed_runs_in_one_process_without_a_launcher(conf, tmp_path):
     """No torchrun: a one-rank process group is started for DeepSpeed (ZeRO-Offload on one GPU works so).
     Under bf16 the engine casts the model; the weights handed back (and checkpointed) are fp32 again."""

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from aglcl.data.collate import IGNORE
+from aglcl.engine import distributed as dist
 from aglcl.engine import loop
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
@@ -38,8 +39,9 @@ def distill_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
 
 
 def frozen_copy(model):
-    """A deep copy of ``model`` (unwrapped from DDP) in eval mode with ``requires_grad`` False: a teacher."""
-    base = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    """A deep copy of ``model`` (unwrapped from DDP or a DeepSpeed engine) in eval mode with ``requires_grad``
+    False: a teacher."""
+    base = dist.unwrap(model)
     teacher = copy.deepcopy(base)
     # accelerate's mixed precision puts an autocast ``forward`` on the instance. A bound method is re-bound to
     # the copy (same autocast as the student); a plain closure would still call the *student*, so drop it.

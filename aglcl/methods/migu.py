@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from aglcl.attribution.params import select_params
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 
@@ -45,10 +46,6 @@ def mask_units(grad: torch.Tensor, keep: torch.Tensor, dim: int) -> None:
     shape = [1] * grad.ndim
     shape[dim] = -1
     grad.mul_(keep.to(device=grad.device, dtype=grad.dtype).view(shape))
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _output_dim(module) -> int:
@@ -96,7 +93,7 @@ class MIGU(Method):
         self._remove_hooks()
         if index < self.from_task:
             return
-        base = _unwrap(model)
+        base = dist.unwrap(model)
         try:
             self._targets = _targets(base)
         except AglclError as exc:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 
@@ -53,10 +54,6 @@ def orthogonality(old: Sequence[torch.Tensor], new: torch.Tensor) -> torch.Tenso
         return new.new_zeros((), dtype=torch.float32)
     stacked = torch.cat([a.to(new.device, torch.float32) for a in old])  # [Σ r_k, d_in]
     return (stacked @ new.float().T).abs().sum()
-
-
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class OLoRA(Method):
@@ -95,12 +92,10 @@ class OLoRA(Method):
         from peft import PeftModel, get_peft_model
 
         super().setup(model, num_tasks, first)
-        from aglcl.engine import distributed as dist
-
         if dist.is_distributed():  # adapters are added after the model is wrapped for DDP: not supported
             raise AglclError("method=olora runs in one process only (it adds an adapter per task); launch without "
                              "torchrun / accelerate launch")
-        if isinstance(_unwrap(model), PeftModel):
+        if isinstance(dist.unwrap(model), PeftModel):
             raise AglclError("method=olora manages its own LoRA adapters (one per task); use peft=none")
         try:
             with warnings.catch_warnings():  # peft 0.21 calls transformers 5's deprecated is_gradient_checkpointing
@@ -121,7 +116,7 @@ class OLoRA(Method):
             model.set_requires_grad(trainable, requires_grad=True)
 
     def before_task(self, index, task, model) -> None:
-        peft = _unwrap(model)
+        peft = dist.unwrap(model)
         name = adapter_name(index)
         if name not in peft.peft_config:
             peft.add_adapter(name, self.lora_config())

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from aglcl.data.collate import IGNORE, collate
+from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 from aglcl.methods.lwf import distill_kl, frozen_copy
@@ -64,13 +65,9 @@ from aglcl.models.compat import accepts
 EPS = 1e-8  # SEEKR's log(student + 1e-8); here a floor, so identical maps give exactly 0
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def _pretrained(model):
     """The transformers model under DDP / PEFT wrappers (the one whose config picks the attention kernel)."""
-    model = _unwrap(model)
+    model = dist.unwrap(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -150,7 +147,7 @@ def select_heads(scores: torch.Tensor, layer_budget: int, head_budget: int) -> t
 
 def head_scores(model, teacher, examples: list[dict], pad_id: int) -> torch.Tensor:
     """Task sensitivity × forgettability ``[L, H]`` (float32, CPU) on ``examples``, one at a time (module docstring)."""
-    student = _unwrap(model)
+    student = dist.unwrap(model)
     device = next(student.parameters()).device
     sensitivity = forgettability = None
     was_training = student.training
@@ -267,7 +264,7 @@ class SEEKR(Method):
             tokens = (labels[:, 1:] != IGNORE).sum().clamp(min=1)
             total = total + self.logits_weight * (kl - ce) / tokens
         if attend:
-            _, student_maps = attention_forward(_unwrap(model), sub, keep[-1:])
+            _, student_maps = attention_forward(dist.unwrap(model), sub, keep[-1:])
             total = total + self.attn_weight * attention_kl(student_maps, teacher_maps, sub["attention_mask"],
                                                             self.heads)
         return total
