@@ -129,23 +129,44 @@ def _as_python_state(state):
     return version, tuple(internal), gauss
 
 
-def save_step(run_dir: Path, index: int, step: int, model, optimizer, scheduler, loop_state: dict) -> str:
-    """Mid-task checkpoint ``step`` optimizer steps into task ``index`` (0-based); returns its relative path."""
+def save_step(run_dir: Path, index: int, step: int, stepper, scheduler, loop_state: dict) -> str:
+    """Mid-task checkpoint ``step`` optimizer steps into task ``index`` (0-based); returns its relative path.
+    The stepper writes the weights and the optimizer state (:mod:`aglcl.engine.steppers`); every rank calls."""
     rel = f"{DIR}/task_{index}_step_{step}"
     ckpt = Path(run_dir) / rel
-    weights = _unique_state(model)  # collectives under FSDP2: every rank gathers, rank 0 gets the tensors
-    optim = dist.optimizer_state_dict(model, optimizer)
     if dist.is_main_process():
         _fresh(ckpt)
     dist.barrier()
+    stepper.save(ckpt)
     _save_torch(ckpt / _rng_file(), rng_state())  # every rank its own generators (dropout differs per device)
-    if dist.is_main_process():  # replicated (DDP) or gathered (FSDP2) state: rank 0 holds all of it
-        _save_tensors(ckpt / MODEL, weights)
-        _save_torch(ckpt / "optimizer.pt", optim)
+    if dist.is_main_process():
         _save_torch(ckpt / "scheduler.pt", scheduler.state_dict())
         rundir.write_json(ckpt / "loop.json", {"task": index, "step": step, **loop_state})
     dist.barrier()
     return rel
+
+
+def save_model_and_optimizer(path: Path, model, optimizer) -> None:
+    """``model.safetensors`` and ``optimizer.pt`` of a mid-task checkpoint (replicated, or gathered from
+    FSDP2's shards by rank 0; every rank calls)."""
+    weights = _unique_state(model)  # collectives under FSDP2: every rank gathers, rank 0 gets the tensors
+    optim = dist.optimizer_state_dict(model, optimizer)
+    if dist.is_main_process():
+        _save_tensors(Path(path) / MODEL, weights)
+        _save_torch(Path(path) / "optimizer.pt", optim)
+
+
+def load_model_and_optimizer(path: Path, model, optimizer) -> None:
+    """Inverse of :func:`save_model_and_optimizer` (under FSDP2 rank 0 reads the optimizer state and every
+    rank keeps its shard)."""
+    path = Path(path)
+    load_weights(path, model)
+    sharded = any(dist.is_dtensor(p) for p in model.parameters())
+    optim = _load_torch(path / "optimizer.pt") if dist.is_main_process() or not sharded else {}
+    try:
+        dist.load_optimizer_state_dict(model, optimizer, optim)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise AglclError(f"cannot resume: {path} does not match this optimizer ({exc})") from None
 
 
 def _rng_file() -> str:
@@ -160,25 +181,18 @@ def _load_torch(path: Path):
                          f"{str(exc)[:120]})") from None
 
 
-def load_step(path: Path, optimizer, scheduler, model=None) -> dict:
-    """Restore optimizer, scheduler and RNG state from a mid-task checkpoint; returns its ``loop.json``.
-    ``model``: the trained module (under FSDP2, rank 0 reads the whole optimizer state and every rank keeps
-    its shard)."""
+def load_step(path: Path, scheduler) -> dict:
+    """Restore the scheduler and RNG state of a mid-task checkpoint; returns its ``loop.json`` (the weights
+    and optimizer come back through the stepper's ``load``)."""
     path = Path(path)
     try:
         loop_state = json.loads((path / "loop.json").read_text())
     except (OSError, ValueError) as exc:
         raise AglclError(f"cannot resume: {path / 'loop.json'} is missing or unreadable ({exc})") from None
     try:
-        sharded = model is not None and any(dist.is_dtensor(p) for p in model.parameters())
-        optim = _load_torch(path / "optimizer.pt") if dist.is_main_process() or not sharded else {}
-        if model is None:
-            getattr(optimizer, "optimizer", optimizer).load_state_dict(optim)
-        else:
-            dist.load_optimizer_state_dict(model, optimizer, optim)
         scheduler.load_state_dict(_load_torch(path / "scheduler.pt"))
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise AglclError(f"cannot resume: {path} does not match this optimizer ({exc})") from None
+        raise AglclError(f"cannot resume: {path} does not match this schedule ({exc})") from None
     if not (path / _rng_file()).is_file():
         raise AglclError(f"cannot resume: {path / _rng_file()} is missing (was the run made on fewer ranks?)")
     set_rng_state(_load_torch(path / _rng_file()))

@@ -285,7 +285,7 @@ class DistributedConfig:
         return {"kwargs_handlers": [DistributedDataParallelKwargs(
             find_unused_parameters=self.find_unused_parameters, bucket_cap_mb=self.bucket_cap_mb, **self.extra)]}
 
-    def check(self, method, every_steps: int = 0) -> None:
+    def check(self, method) -> None:
         """Refuse, in one line naming a way out, what this engine cannot run (before anything is written)."""
         name = f"distributed={self.engine}" + (f" (zero_stage={self.zero_stage})" if self.engine == "deepspeed" else "")
         if self.engine == "fsdp2" and self.cpu_offload and not has_accelerator():
@@ -294,9 +294,6 @@ class DistributedConfig:
         if self.engine == "deepspeed" and self.zero3_init:
             raise AglclError("distributed.zero3_init=true is not supported: aglcl builds the model whole and "
                              "partitions it per task; use distributed.zero3_init=false, or distributed=fsdp2")
-        if every_steps and self.engine == "deepspeed":
-            raise AglclError(f"checkpoint.every_steps is not supported with {name} (the engine's partitioned "
-                             f"state); use checkpoint.every_task=true, or distributed=fsdp2 or ddp")
         zero3 = self.engine == "deepspeed" and self.zero_stage == 3
         if self.sharded and not (getattr(method, "supports_sharded", True)
                                  and (not zero3 or getattr(method, "supports_zero3", True))):

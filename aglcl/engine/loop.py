@@ -70,7 +70,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
 
     ``engine`` (a :class:`~aglcl.engine.distributed.DistributedConfig`, default: accelerate's own) says who
     takes the optimizer steps (:mod:`aglcl.engine.steppers`). Every ``checkpoint_every`` optimizer steps,
-    ``save_checkpoint(step, optimizer, scheduler, loop_state)`` is called; ``resume_from`` (a directory such
+    ``save_checkpoint(step, stepper, scheduler, loop_state)`` is called; ``resume_from`` (a directory such
     a call wrote) continues from there: weights, optimizer, scheduler and RNG state are restored and the
     batches already consumed are skipped, so the run goes on exactly as an unbroken one would. A
     non-finite loss or gradient norm stops the task before the step is applied (``cfg.nan_policy=stop``)
@@ -103,8 +103,8 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
     running = torch.zeros((), device=accelerator.device)
     if resume_from is not None:
-        checkpoint.load_weights(resume_from, accelerator.unwrap_model(model))
-        saved = checkpoint.load_step(resume_from, optimizer, scheduler, accelerator.unwrap_model(model))
+        stepper.load(resume_from)  # weights and optimizer state
+        saved = checkpoint.load_step(resume_from, scheduler)
         stepper.load_scaler_state(saved.get("scaler"))
         done, tokens, last, skipped, elapsed = (saved[k] for k in ("step", "tokens", "last", "skipped", "train_s"))
         running.fill_(saved["running"])
@@ -147,7 +147,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
             else:  # non-interactive (CI, log files, multirun launchers): plain log lines
                 log.info("train %s step %d/%d loss %.4f %.0f tok/s", task, step, steps, last, tps)
         if checkpoint_every and save_checkpoint is not None and step % checkpoint_every == 0:
-            save_checkpoint(step, optimizer, scheduler, {
+            save_checkpoint(step, stepper, scheduler, {
                 "tokens": tokens, "last": last, "skipped": skipped, "running": running.item(),
                 "train_s": time.perf_counter() - start, "scaler": stepper.scaler_state()})
     train_s = time.perf_counter() - start

@@ -150,7 +150,7 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     every_steps = int(ckpt_cfg.get("every_steps") or 0)
     if every_steps < 0:
         raise AglclError(f"checkpoint.every_steps={every_steps} is invalid: must be >= 1, or 0/null (off)")
-    engine.check(method, every_steps)
+    engine.check(method)
     save_every_task = bool(ckpt_cfg.get("every_task", False)) or every_steps > 0
     resume = cfg.get("resume", False)
     if resume not in checkpoint.RESUME_MODES:
@@ -241,8 +241,8 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             if state is not None and index == first and state.get("step_checkpoint"):
                 resume_from = run_dir / state["step_checkpoint"]
 
-            def save_step(step, optimizer, scheduler, loop_state, index=index, bare=bare):
-                rel = checkpoint.save_step(run_dir, index, step, bare, optimizer, scheduler, loop_state)
+            def save_step(step, stepper, scheduler, loop_state, index=index):
+                rel = checkpoint.save_step(run_dir, index, step, stepper, scheduler, loop_state)
                 write_state(index, rel)
 
             stats[task.name] = train_task(model, tokenizer, examples, method, trainer, accelerator,

@@ -36,6 +36,7 @@ class AccelerateStepper:
 
     def __init__(self, model, params, optimizer, accelerator, cfg):
         self.model, self.params, self.accelerator, self.cfg = model, params, accelerator, cfg  # model: what runs forward
+        self.bare = accelerator.unwrap_model(model)
         self.optimizer = optimizer  # prepared (accelerate's AcceleratedOptimizer)
         self.scaler = accelerator.scaler  # fp16: overflowing steps are the scaler's business
 
@@ -65,6 +66,17 @@ class AccelerateStepper:
             method.after_step(bare, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def save(self, path) -> None:
+        """Weights and optimizer state into a mid-task checkpoint directory (every rank calls)."""
+        from aglcl.engine import checkpoint
+
+        checkpoint.save_model_and_optimizer(path, self.bare, self.optimizer)
+
+    def load(self, path) -> None:
+        from aglcl.engine import checkpoint
+
+        checkpoint.load_model_and_optimizer(path, self.bare, self.optimizer)
 
     def scaler_state(self) -> dict | None:
         return self.scaler.state_dict() if self.scaler is not None else None
@@ -134,6 +146,28 @@ class DeepSpeedStepper:
     def step(self, method, bare, step_loss: torch.Tensor) -> bool:
         self.engine.step()
         return bool(self.engine.was_step_applied())
+
+    TAG = "engine"  # DeepSpeed's checkpoint tag inside a step checkpoint directory
+
+    def save(self, path) -> None:
+        """The engine's own checkpoint (module, fp32 partitions and AdamW state, one file per rank) under
+        ``path/deepspeed``; every rank calls. A resume needs the same number of ranks (checked on resume)."""
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag=self.TAG, save_latest=False)
+
+    def load(self, path) -> None:
+        from aglcl.errors import AglclError
+
+        where = path / "deepspeed" / self.TAG
+        if not where.is_dir():
+            raise AglclError(f"cannot resume: {where} is missing (was the step checkpoint written by another engine?)")
+        try:
+            loaded, _ = self.engine.load_checkpoint(str(path / "deepspeed"), tag=self.TAG,
+                                                    load_lr_scheduler_states=False)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises many kinds (assertions, pickle, OS)
+            raise AglclError(f"cannot resume: {where} is unreadable or does not match ({type(exc).__name__}: "
+                             f"{str(exc)[:160]})") from None
+        if loaded is None:
+            raise AglclError(f"cannot resume: DeepSpeed found no checkpoint in {where}")
 
     def scaler_state(self) -> dict | None:
         return None
