@@ -15,9 +15,9 @@ def conf(tmp_path_factory):
 
 @pytest.mark.parametrize(("method", "stop"), [
     (["method=seqft"], 1),
-    (["method=agft", "attribution.estimator.correct_only=false"], 1),
+    (["method=agft", "attribution.estimator.correct_only=false", "attribution.estimator.num_samples=8"], 1),
     # LoRA, 3 tasks, stopped after 2: task 3 starts from the delta task 2 learnt under task 1's gate
-    (["method=agft", "peft=lora", "attribution=grad_x_weight", "trainer.lr=5e-3",
+    (["method=agft", "peft=lora", "attribution=grad_x_weight", "trainer.lr=5e-3", "attribution.estimator.num_samples=8",
       "attribution.estimator.correct_only=false", "sequence.order=[parity,sign,size]"], 2),
 ], ids=["seqft", "agft", "agft-lora"])
 def test_stop_then_resume_equals_an_unbroken_run(conf, tmp_path, method, stop):
