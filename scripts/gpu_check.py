@@ -8,8 +8,9 @@ Every row trains the same model (random init from a config, fp32 master weights,
 accelerate, fused AdamW) with ``aglcl.engine.loop.train_task`` on synthetic sequences: ``seqft`` (no gate),
 then AGFT in ``update`` and ``grad`` mode with a random rank-like map on every attention/MLP matrix. The
 first ``--warmup`` steps of each row are timed apart (allocator and kernel warm-up). Then one attribution
-pass (``GradXWeight``: estimator, then normalise + combine + store). Prints a table; writes JSON to --out
-(default: $OUT/gpu_check.json when $OUT is set).
+pass (``GradXWeight``: estimator, then normalise + combine + store). Last, seqft and AGFT (update) under a
+one-rank DeepSpeed ZeRO-2 engine (``--no-deepspeed`` skips them; needs the ``deepspeed`` extra). Prints a
+table; writes JSON to --out (default: $OUT/gpu_check.json when $OUT is set).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def peak_gb(device) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
-def train_row(name, model, method, data, args, accelerator, device) -> dict:
+def train_row(name, model, method, data, args, accelerator, device, engine=None) -> dict:
     from aglcl.engine.config import TrainerConfig
     from aglcl.engine.loop import train_task
 
@@ -93,12 +94,12 @@ def train_row(name, model, method, data, args, accelerator, device) -> dict:
                         precision=args.precision, max_length=args.length + 8, log_every=10**6,
                         scheduler="constant")
     method.before_task(1, None, model)
-    train_task(model, _Tok, data, method, cfg, accelerator, task=f"{name}-warmup")
+    train_task(model, _Tok, data, method, cfg, accelerator, task=f"{name}-warmup", engine=engine)
     reset_peak(device)
     cfg.max_steps = args.steps
     sync(device)
     start = time.perf_counter()
-    stats = train_task(model, _Tok, data, method, cfg, accelerator, task=name)
+    stats = train_task(model, _Tok, data, method, cfg, accelerator, task=name, engine=engine)
     sync(device)
     wall = time.perf_counter() - start
     return {"row": name, "step_ms": 1000 * wall / args.steps, "tokens_per_s": stats["tokens_per_s"],
@@ -139,6 +140,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--attr-samples", type=int, default=32)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "no"])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed ZeRO-2 rows (1 rank)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.steps, args.warmup, args.batch, args.length, args.attr_samples = "tiny", 3, 1, 2, 32, 4
@@ -166,6 +168,19 @@ def main(argv=None) -> dict:
     base = rows[0]["step_ms"]
     for row in rows[1:3]:
         row["overhead_pct"] = 100 * (row["step_ms"] / base - 1)
+    import importlib.util
+
+    if not args.no_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        print("deepspeed is not installed (pip install -e '.[deepspeed]'): skipping the ZeRO-2 rows")
+    elif not args.no_deepspeed:  # one rank: DeepSpeed's bf16 weights, its flat partition, the gate via step hooks
+        from aglcl.engine.distributed import DistributedConfig
+
+        zero2, bare = DistributedConfig(engine="deepspeed", zero_stage=2), accelerator.unwrap_model(model)
+        rows.append(train_row("seqft zero2", bare, Method(), data, args, accelerator, device, engine=zero2))
+        method = AGFT(lam=1.0, mode="update", gate_dtype="bfloat16")
+        method.set_importance(maps)
+        rows.append(train_row("agft zero2", bare, method, data, args, accelerator, device, engine=zero2))
+        rows[-1]["overhead_pct"] = 100 * (rows[-1]["step_ms"] / rows[-2]["step_ms"] - 1)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "size": args.size,
               "params_m": params / 1e6, "gated_weights_m": sum(t.numel() for t in maps.values()) / 1e6,
               "batch": args.batch, "accum": args.accum, "length": args.length, "precision": args.precision,
@@ -173,7 +188,7 @@ def main(argv=None) -> dict:
     print(f"\n{result['device']}  {args.size} ({params / 1e6:.0f}M params, {result['gated_weights_m']:.0f}M gated), "
           f"batch {args.batch}x{args.accum} x {args.length} tokens, {args.precision}")
     print(f"{'row':<14}{'step ms':>10}{'overhead':>10}{'tok/s':>10}{'peak GB':>9}")
-    for row in rows[:3]:
+    for row in [r for r in rows if "step_ms" in r]:
         overhead = f"{row['overhead_pct']:+.1f}%" if "overhead_pct" in row else "-"
         print(f"{row['row']:<14}{row['step_ms']:>10.1f}{overhead:>10}{row['tokens_per_s']:>10.0f}{row['peak_gb']:>9.2f}")
     a = rows[3]
