@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO partitions: where each parameter's elements sit in a rank's flat fp32 partition.
 
-    accelerate launch --num_processes 8 -m aglcl train distributed=deepspeed_zero2 method=agft
+    torchrun --nproc_per_node 8 --no-python aglcl train distributed=deepspeed_zero2 method=agft
 
-ZeRO (stages 2 and 3) steps a flat fp32 partition per parameter group inside ``backward()``.
+ZeRO (stages 2 and 3) steps a flat fp32 partition per parameter group in the engine's ``step()``.
 :func:`zero2_segments` / :func:`zero3_segments` say which elements of which parameter each position of a
 rank's partition holds, and :func:`build_flat` lays a per-parameter gate out on it, so AGFT can gate the
 client optimizer's step (``AGFT.attach_optimizer``). Checked against hand-built layouts, and against real

@@ -24,9 +24,9 @@ rounding error, ≤ 2⁻⁹ relative, is far below any meaningful difference in 
 Distributed (``conf/distributed``): under DDP every rank gates its replica identically, after the
 gradients are all-reduced. Under FSDP2 each parameter, its gradient and AdamW's state are DTensors; the
 gate is kept as the rank-local piece and applied to ``to_local()`` views, once per step. Under DeepSpeed
-ZeRO the engine steps inside ``backward()`` on flat fp32 partitions: :meth:`attach_optimizer` (called
-right after the optimizer is prepared) lays the gate out on each partition and gates the client
-optimizer's own step through step hooks (grad mode: after DeepSpeed's clipping).
+ZeRO the engine steps flat fp32 partitions: :meth:`attach_optimizer` (called once the task's engine is
+built) lays the gate out on each partition and gates the client optimizer's own step through step hooks;
+the stepper clips after the gate (:class:`aglcl.engine.steppers.DeepSpeedStepper`).
 """
 
 from __future__ import annotations
@@ -146,10 +146,10 @@ class AGFT(Method):
 
     # -- DeepSpeed: gate the client optimizer's step on its flat partitions ---------------------------
     def attach_optimizer(self, optimizer) -> None:
-        """Under DeepSpeed ZeRO, gate inside the engine's step (call once per task, after ``prepare``).
+        """Under DeepSpeed ZeRO, gate inside the engine's step (call once per task, after the engine is built).
 
         The engine calls the client optimizer's ``step()`` on one flat fp32 partition per parameter
-        group, inside ``accelerator.backward()``; the per-parameter gates are laid out on those
+        group (or ZeRO-3 sub-group); the per-parameter gates are laid out on those
         partitions (:func:`aglcl.engine.distributed.deepspeed_partitions`) and applied by step hooks:
         grad mode scales the partition's gradient before the step, update mode shrinks the step after
         it. Elsewhere a no-op: the regular hooks run.
