@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> None:
         while cause is not None and not isinstance(cause, AglclError):
             cause = cause.__cause__  # e.g. a config's __post_init__ error wrapped by instantiate()
         _fail(cmd, str(cause) if cause is not None else _hydra_message(exc))
+    finally:
+        if "torch" in sys.modules:  # a multi-process run: close the process group before exit
+            from aglcl.engine import distributed as dist
+
+            dist.shutdown()
 
 
 def _rank_setup(cmd: str, args: list[str]) -> list[str]:

@@ -87,6 +87,18 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def shutdown() -> None:
+    """Tear the process group down before the interpreter exits. A gloo group left to the interpreter's
+    teardown can abort a rank at exit ("terminate called without an active exception"), which a launcher
+    reports as a failed run although it finished. Local (no collective): safe on error paths too."""
+    if _dist_ready():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as exc:  # noqa: BLE001 - best effort at exit
+            log.debug("destroy_process_group failed: %s", exc)
+    _KEEP.clear()
+
+
 def quiet_non_main() -> None:
     """On ranks other than 0: warnings and errors only, and no log file of their own.
 
