@@ -337,7 +337,7 @@ class DistributedConfig:
             zero["offload_optimizer"] = {"device": self.offload_optimizer}
         if self.offload_param != "none":
             zero["offload_param"] = {"device": self.offload_param}
-        precision = getattr(trainer, "precision", "no")
+        precision = trainer.precision
         config = {
             "train_micro_batch_size_per_gpu": trainer.batch_size,
             "gradient_accumulation_steps": trainer.grad_accum,

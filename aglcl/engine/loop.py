@@ -97,8 +97,6 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps),
                               num_training_steps=steps)
     stepper = engine.stepper(model, params, optimizer, accelerator, cfg, method)
-    optimizer = stepper.optimizer
-    bare = accelerator.unwrap_model(model)  # what hooks see: parameter names without DDP's ``module.``
     batches = _batches(loader)
     done, tokens, last, skipped, elapsed = 0, 0, float("nan"), 0, 0.0
     running = torch.zeros((), device=accelerator.device)
@@ -125,7 +123,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
                 stepper.backward(loss)
             step_loss += loss.detach() / cfg.grad_accum
             tokens += int(batch["attention_mask"].sum())
-        if stepper.step(method, bare, step_loss):
+        if stepper.step(method, step_loss):
             running += step_loss
         elif cfg.nan_policy == "stop":
             raise AglclError(f"non-finite loss or gradient at step {step} of task '{task}' (loss "
@@ -154,6 +152,6 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     stepper.close()
     if bar is not None:
         progress.update(bar, completed=steps)
-    _release(accelerator, optimizer, scheduler, loader)
+    _release(accelerator, stepper.optimizer, scheduler, loader)
     return {"steps": steps, "loss": last, "train_s": train_s, "tokens_per_s": tokens / max(train_s, 1e-9),
             "skipped_steps": skipped}

@@ -7,7 +7,7 @@
 <aglcl.engine.distributed.DistributedConfig.stepper>` and drives it the same way whatever the engine::
 
     for each micro-batch:  with stepper.micro(sync): loss = ...; stepper.backward(loss)
-    applied = stepper.step(method, bare, step_loss)      # False: non-finite, nothing applied
+    applied = stepper.step(method, step_loss)            # False: non-finite, nothing applied
     stepper.close()                                       # end of the task
 
 Both apply the method's gate once per optimizer step, then clip, then step, in that order.
@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from aglcl.engine import checkpoint
 from aglcl.engine import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ class AccelerateStepper:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss / self.cfg.grad_accum)
 
-    def step(self, method, bare, step_loss: torch.Tensor) -> bool:
-        method.after_backward(bare)
+    def step(self, method, step_loss: torch.Tensor) -> bool:
+        method.after_backward(self.bare)  # hooks see parameter names without DDP's ``module.``
         if self.cfg.max_grad_norm:
             norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         else:
@@ -60,22 +61,18 @@ class AccelerateStepper:
         if not bool(dist.all_reduce_(finite.to(torch.int32), op="min")):  # every rank decides alike; one sync
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        method.before_step(bare, self.optimizer)
+        method.before_step(self.bare, self.optimizer)
         self.optimizer.step()
         if not getattr(self.optimizer, "step_was_skipped", False):  # fp16 overflow: no step to shrink
-            method.after_step(bare, self.optimizer)
+            method.after_step(self.bare, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
     def save(self, path) -> None:
         """Weights and optimizer state into a mid-task checkpoint directory (every rank calls)."""
-        from aglcl.engine import checkpoint
-
         checkpoint.save_model_and_optimizer(path, self.bare, self.optimizer)
 
     def load(self, path) -> None:
-        from aglcl.engine import checkpoint
-
         checkpoint.load_model_and_optimizer(path, self.bare, self.optimizer)
 
     def scaler_state(self) -> dict | None:
@@ -112,8 +109,7 @@ class DeepSpeedStepper:
 
         _init_process_group()
         self.cfg, self.bare, self.params = cfg, bare, params
-        self._dtypes = [p.dtype for p in params]
-        self._all_dtypes = {id(p): p.dtype for p in bare.parameters()}  # frozen ones too (LoRA's base)
+        self._dtypes = {id(p): p.dtype for p in bare.parameters()}  # the engine may cast them; frozen ones too
         self._device = next(bare.parameters()).device
         self._buffers = {n: b.detach().clone() for n, b in bare.named_buffers() if b.is_floating_point()}
         self.engine, self.engine_optimizer, _, _ = deepspeed.initialize(model=bare, optimizer=optimizer,
@@ -143,7 +139,7 @@ class DeepSpeedStepper:
         for g in grads:
             g.mul_(coef.to(g.dtype))
 
-    def step(self, method, bare, step_loss: torch.Tensor) -> bool:
+    def step(self, method, step_loss: torch.Tensor) -> bool:
         self.engine.step()
         return bool(self.engine.was_step_applied())
 
@@ -187,7 +183,6 @@ class DeepSpeedStepper:
         from deepspeed.utils import safe_get_full_fp32_param
 
         trainable = {id(p) for p in self.params}
-        dtypes = {id(p): d for p, d in zip(self.params, self._dtypes)}
         whole: dict[int, torch.Tensor] = {}
         for p in _unique_params(self.bare):
             if id(p) in trainable:
@@ -201,15 +196,14 @@ class DeepSpeedStepper:
             handle.remove()
         self.engine.destroy()
         for module in self.bare.modules():
-            original = module.__dict__.pop("_original_parameters", None)  # ZeRO-3 swapped in its own dict
-            if original is not None:
+            if module.__dict__.pop("_original_parameters", None) is not None:  # ZeRO-3 swapped in its own dict
                 module._parameters = {k: dict.__getitem__(module._parameters, k) for k in dict.keys(module._parameters)}
         fresh: dict[int, torch.nn.Parameter] = {}
         for module in self.bare.modules():
             for name, p in list(module._parameters.items()):
                 if p is None:
                     continue
-                value, dtype = whole.get(id(p)), dtypes.get(id(p), self._frozen_dtype(p))
+                value, dtype = whole.get(id(p)), self._dtypes.get(id(p), p.dtype)
                 if hasattr(p, "ds_id"):  # ZeRO-3: a new plain parameter (shared ones stay shared)
                     if id(p) not in fresh:
                         fresh[id(p)] = torch.nn.Parameter(value.to(self._device, dtype), requires_grad=p.requires_grad)
@@ -223,9 +217,6 @@ class DeepSpeedStepper:
             buffers[name].data = saved.to(buffers[name].device)
         self.engine = self.engine_optimizer = None
 
-    def _frozen_dtype(self, p) -> torch.dtype:
-        return self._all_dtypes.get(id(p), p.dtype)
-
 
 def _init_process_group() -> None:
     """DeepSpeed needs a process group even in one process (e.g. ZeRO-Offload on one GPU); without a
@@ -235,15 +226,13 @@ def _init_process_group() -> None:
 
     import deepspeed
 
-    if dist.is_distributed() or torch.distributed.is_initialized():
-        deepspeed.init_distributed(auto_mpi_discovery=False)  # wraps the group accelerate started
-        return
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not (dist.is_distributed() or torch.distributed.is_initialized()):  # else: wrap the launched group
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     deepspeed.init_distributed(auto_mpi_discovery=False)
 
 
