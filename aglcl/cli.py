@@ -20,7 +20,8 @@ Several processes (one per GPU)::
 Every rank resolves the same run dir (rank 0's launch time, shared before Hydra starts); only rank 0
 writes Hydra's ``.hydra/`` copies, artifacts and progress (aglcl/engine/distributed.py).
 
-User errors print one line on stderr and exit with status 2; set AGLCL_DEBUG=1 for tracebacks.
+User errors print one line on stderr and exit with status 2 (``aglcl`` alone prints the usage, status 2);
+Ctrl-C prints one line saying how to resume and exits with 130. Set AGLCL_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _fail(cmd: str, message: str) -> None:
     sys.exit(2)
 
 
-def _hydra_message(exc: BaseException) -> str:
+def hydra_message(exc: BaseException) -> str:
     """One line out of Hydra's multi-line composition errors (unknown option, bad override)."""
     from hydra.errors import MissingConfigException
 
@@ -63,7 +64,10 @@ def _hydra_message(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a missing subcommand is a usage error
+        print(_usage(), file=sys.stderr)
+        sys.exit(2)
+    if argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return
     cmd = argv[0]
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail("", f"unknown command '{cmd}'; choose from: {', '.join(COMMANDS)}")
     debug = os.environ.get("AGLCL_DEBUG") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us, then print them as one line
-    from aglcl.errors import AglclError, UserAbort, os_error_message
+    from aglcl.errors import AglclError, RunInterrupted, UserAbort, os_error_message
 
     try:
         module = importlib.import_module(COMMANDS[cmd][0])
@@ -81,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(cmd, str(exc))
+    except (RunInterrupted, KeyboardInterrupt) as exc:  # Ctrl-C: one line, the shell's status for SIGINT
+        if debug:
+            raise
+        print(f"aglcl {cmd}: {exc or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:
         if not debug and os_error_message(exc) is not None:  # e.g. Hydra creating a read-only run dir
             _fail(cmd, os_error_message(exc))
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         cause = exc
         while cause is not None and not isinstance(cause, AglclError):
             cause = cause.__cause__  # e.g. a config's __post_init__ error wrapped by instantiate()
-        _fail(cmd, str(cause) if cause is not None else _hydra_message(exc))
+        _fail(cmd, str(cause) if cause is not None else hydra_message(exc))
     finally:
         if "torch" in sys.modules:  # a multi-process run: close the process group before exit
             from aglcl.engine import distributed as dist

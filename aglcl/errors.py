@@ -42,6 +42,10 @@ class UserAbort(BaseException):
     """
 
 
+class RunInterrupted(BaseException):
+    """Ctrl-C during a run: its message says what the run dir keeps and how to resume (exit status 130)."""
+
+
 def os_error_message(exc: BaseException) -> str | None:
     """One line for an :class:`OSError` of the machine (permissions, read-only or full disk), else None.
 

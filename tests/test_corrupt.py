@@ -474,12 +474,11 @@ def test_train_into_a_readonly_run_dir_keeps_its_artifacts(tmp_path):
 
 def test_train_with_readonly_predictions_dir(tmp_path):
     """The run dir is writable but ``predictions/`` is not: the job itself fails at its first prediction
-    file, with one line naming it; the earlier predictions are intact and no results are written."""
+    file, with one line naming it; nothing lands in ``predictions/`` and no results are written."""
     conf = make_fixture_conf(tmp_path)
-    run = fake_run(tmp_path)
-    (run / rundir.RESULTS).unlink()
-    (run / rundir.R_CSV).unlink()
+    run = tmp_path / "run"
     preds = run / rundir.PREDICTIONS
+    preds.mkdir(parents=True)  # an empty dir: the run dir still counts as unused
     before = snapshot(preds)
     proc = cli_with_readonly(preds, "train", *tiny_overrides(conf, run), cwd=tmp_path)
     one_line_exit(proc, preds)

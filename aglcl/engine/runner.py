@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from aglcl.engine import checkpoint, rundir
+from aglcl.engine import checkpoint, ownership, rundir
 from aglcl.engine import distributed as dist
 from aglcl.engine.loop import encode_split, train_task
-from aglcl.errors import AglclError
+from aglcl.errors import AglclError, RunInterrupted
 
 log = logging.getLogger("aglcl")
 
@@ -112,7 +112,48 @@ def _plain_config(cfg: DictConfig) -> dict:
 
 
 def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run the whole sequence; returns the content of ``results.json``."""
+    """Run the whole sequence; returns the content of ``results.json``.
+
+    The config is checked whole before anything is loaded (:mod:`aglcl.engine.validate`), and the run dir is
+    held under an exclusive lock (:mod:`aglcl.engine.ownership`) for the whole run. Ctrl-C stops at once and
+    raises :class:`aglcl.errors.RunInterrupted`, naming the checkpoint a ``resume=true`` continues from.
+    """
+    from aglcl.engine.validate import check_train_config
+
+    run = check_train_config(cfg)
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    lock = ownership.RunLock(run_dir)
+    try:
+        return _run_train(cfg, run_dir, run, lock)
+    except KeyboardInterrupt:
+        raise RunInterrupted(_interrupted_message(run_dir)) from None
+    finally:
+        lock.release()
+
+
+def _interrupted_message(run_dir: Path) -> str:
+    """One line after Ctrl-C: what the run dir keeps, and the command that continues it."""
+    import json
+
+    try:
+        state = json.loads((run_dir / rundir.STATE).read_text())
+    except (OSError, ValueError):
+        return f"interrupted before the run wrote a resume point; start it again (with overwrite=true, hydra.run.dir={run_dir})"
+    done, step = state.get("next_task", 0), state.get("step_checkpoint")
+    where = (f"step {step.rsplit('_', 1)[-1]} of task {done + 1}" if step else
+             f"the end of task {done}" if done else "the start of task 1" if state.get("b") is not None
+             else "the start (its initial evaluation is redone)")
+    if done and not step and not state.get("checkpoint"):
+        return (f"interrupted; {run_dir} keeps no checkpoint (checkpoint.every_task=false), so the run cannot be "
+                f"resumed; start it again with overwrite=true")
+    return f"interrupted; {run_dir} keeps its checkpoint at {where}: continue with the same command and resume=true hydra.run.dir={run_dir}"
+
+
+def _run_train(cfg: DictConfig, run_dir: Path, run, lock) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -129,16 +170,11 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     wall = time.perf_counter()
     _reset_peak_mem()
     hf_logging.disable_progress_bar()
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
     console = Console(stderr=True)
 
     # Everything that can fail on user input is built before the first write.
     trainer = instantiate(cfg.trainer)
-    tasks = load_sequence(cfg.sequence, cfg.get("limit"), cfg.get("data_seed", 0))
+    tasks = load_sequence(cfg.sequence, cfg.get("limit"), run.data_seed)
     names = [t.name for t in tasks]
     method = instantiate(cfg.method)
     attribution = instantiate(cfg.attribution) if _enabled(cfg.get("attribution")) else None
@@ -146,16 +182,18 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
                          f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
     engine = instantiate(cfg.distributed) if _enabled(cfg.get("distributed")) else dist.DistributedConfig()
-    ckpt_cfg = cfg.get("checkpoint") or {}
-    every_steps = int(ckpt_cfg.get("every_steps") or 0)
-    if every_steps < 0:
-        raise AglclError(f"checkpoint.every_steps={every_steps} is invalid: must be >= 1, or 0/null (off)")
+    every_steps = run.checkpoint.every_steps or 0
     engine.check(method)
-    save_every_task = bool(ckpt_cfg.get("every_task", False)) or every_steps > 0
-    resume = cfg.get("resume", False)
-    if resume not in checkpoint.RESUME_MODES:
-        raise AglclError(f"resume={resume!r} is invalid; choose from: false, true, force")
+    save_every_task = run.checkpoint.every_task or every_steps > 0
+    resume = run.resume
+    if run.stop_after is not None and run.stop_after > len(tasks):
+        raise AglclError(f"stop_after={run.stop_after} is invalid: the sequence has {len(tasks)} tasks")
     config = {**_plain_config(cfg), "world_size": dist.world_size()}  # a resume on other ranks changes the batch
+    if dist.is_main_process():  # the run dir's owner, before anything is written into it
+        kind = ownership.check_run_dir(run_dir, resume, run.overwrite)
+        if run.overwrite and kind not in ("absent", "empty"):
+            ownership.clear(run_dir, keep=(".hydra", *(p.name for p in run_dir.glob("*.log"))))
+        lock.acquire()
     state = checkpoint.read_state(run_dir, names, config, force=resume == "force") if resume else None
     first = state["next_task"] if state is not None else 0
     set_seed(trainer.seed)
@@ -185,17 +223,14 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if log_with:
         accelerator.init_trackers("aglcl")
     encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
-    stop_after = cfg.get("stop_after")
+    stop_after = run.stop_after
 
     bare = accelerator.unwrap_model(model)  # hooks and scoring see parameter names without DDP's ``module.``
     if state is None:
-        R, stats = [], {}
+        R, b, stats = [], None, {}
         timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
         if dist.is_main_process():
             checkpoint.write_config(run_dir, config)
-        start = time.perf_counter()
-        b = evaluate_all(bare, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
-        timings["eval_s"] += time.perf_counter() - start
     else:
         R, b, stats, timings = state["R"], state["b"], state["train"], state["timings"]
         wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
@@ -225,8 +260,13 @@ def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if save_every_task:
             checkpoint.prune(run_dir, [task_ckpt, step_ckpt])
 
-    if state is None and save_every_task:
-        write_state(0)  # b is known: a crash during the first task resumes from here
+    if state is None:
+        write_state(0)  # a resume point before the first evaluation: a kill from here on can be resumed
+    if b is None:  # a fresh run, or one stopped during its initial evaluation
+        start = time.perf_counter()
+        b = evaluate_all(bare, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
+        timings["eval_s"] += time.perf_counter() - start
+        write_state(first)
     log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
 
     with _progress(console) as progress:
