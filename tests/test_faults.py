@@ -20,6 +20,7 @@ from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
 KILLER = """
 import functools, importlib, os, signal, sys
 module, attr, nth, match = sys.argv[1:5]
+sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
 owner = importlib.import_module(module)
 *path, name = attr.split(".")
 for part in path:
@@ -33,7 +34,7 @@ def wrapped(*args, **kwargs):
     if match == "*" or str(args[-1]).endswith(match):
         calls += 1
         if calls == int(nth):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
     return original(*args, **kwargs)
 
 setattr(owner, name, wrapped)
@@ -49,6 +50,7 @@ ARGS = ["trainer.max_steps=4", "checkpoint.every_steps=2", "method=agft_replay",
 
 # (id, module, attribute, n-th matching call that dies, match on the last positional argument)
 FAULTS = [
+    ("initial-evaluation", "aglcl.engine.runner", "evaluate_all", 1, "*"),  # before b is known
     ("mid-task-1", "aglcl.engine.loop", "lm_forward", 3, "*"),            # task 1, step 3 (after the step-2 ckpt)
     ("mid-task-2", "aglcl.engine.loop", "lm_forward", 6, "*"),            # task 2, step 2, before its checkpoint
     ("evaluation", "aglcl.engine.runner", "evaluate_all", 3, "*"),        # scoring after the last task
@@ -73,10 +75,10 @@ def unbroken(conf, tmp_path_factory):
     return json.loads((cwd / "run" / "results.json").read_text())
 
 
-def _killed(conf, run, cwd, module, attr, nth, match):
+def _killed(conf, run, cwd, module, attr, nth, match, sig="SIGKILL"):
     script = cwd / "killer.py"
     script.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs"), "KILL_SIGNAL": sig}
     return subprocess.run([sys.executable, str(script), module, attr, str(nth), match, "train",
                            *tiny_overrides(conf, run), *ARGS], cwd=cwd, env=env, text=True, capture_output=True,
                           timeout=300)
@@ -98,6 +100,26 @@ def test_kill_then_resume_equals_the_unbroken_run(conf, tmp_path, unbroken, modu
     assert not list(run.rglob("*.tmp"))  # the killed write's temp file is cleaned up on resume
     state = json.loads((run / "state.json").read_text())
     assert state["done"] and sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
+
+
+@pytest.mark.parametrize(("attr", "nth"), [("loop.lm_forward", 6), ("runner.evaluate_all", 1)],
+                         ids=["mid-task-2", "initial-evaluation"])
+def test_ctrl_c_prints_one_line_and_resumes_exactly(conf, tmp_path, unbroken, attr, nth):
+    """SIGINT: exit 130, one line naming the checkpoint and resume=true, no traceback, the lock released;
+    the resumed run equals the unbroken one."""
+    run = tmp_path / "run"
+    module, _, name = f"aglcl.engine.{attr}".rpartition(".")
+    proc = _killed(conf, run, tmp_path, module, name, nth, "*", sig="SIGINT")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "resume=true" in lines[-1] and str(run) in lines[-1]
+    assert not [line for line in lines if "error" in line.lower()], proc.stderr
+    assert not (run / ".aglcl.lock").exists()
+    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["R"] == unbroken["R"] and resumed["b"] == unbroken["b"]
+    assert resumed["metrics"] == unbroken["metrics"]
 
 
 @pytest.fixture(scope="module")

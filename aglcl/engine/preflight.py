@@ -51,7 +51,7 @@ class TrainPreflight(Callback):
         from aglcl.engine.validate import check_train_config
 
         try:
-            run = check_train_config(config)
+            run = check_train_config(config, build=True)
             run_dir = Path(config.hydra.run.dir)
             kind = ownership.check_run_dir(run_dir, run.resume, run.overwrite)
         except AglclError as exc:
@@ -63,7 +63,7 @@ class TrainPreflight(Callback):
         from aglcl.engine import ownership
         from aglcl.engine.validate import check_train_config
 
-        jobs = _sweep_jobs(config)
+        jobs = sweep_jobs(config)
         if jobs is None:  # another sweeper (e.g. Optuna): each job checks itself when it starts
             return
         from hydra import compose
@@ -75,7 +75,7 @@ class TrainPreflight(Callback):
             where = f"job {num} ({' '.join(overrides) or 'no overrides'}): "
             try:
                 cfg = compose(config_name=config.hydra.job.config_name, overrides=[*search, *overrides])
-                run = check_train_config(cfg)
+                run = check_train_config(cfg, build=True)
                 if per_num:
                     ownership.check_run_dir(sweep_dir / str(num), run.resume, run.overwrite,
                                             key="the job dir")
@@ -87,7 +87,7 @@ class TrainPreflight(Callback):
                 raise UserAbort(f"{where}{hydra_message(exc)}") from None
 
 
-def _sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     """Each job's overrides, as Hydra's basic sweeper will launch them; None for other sweepers."""
     sweeper = OmegaConf.select(config, "hydra.sweeper._target_") or ""
     if not sweeper.endswith("BasicSweeper"):

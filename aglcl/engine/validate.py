@@ -143,14 +143,30 @@ def _check_value(key: str, value, annotation) -> None:
 
 
 def _signature(target: str, key: str):
+    """``(parameters, type hints, takes **kwargs)`` of a target; a class's ``**kwargs`` passed on to its bases
+    (``super().__init__(**kwargs)``) contribute the bases' parameters."""
     module_name, _, attr = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise AglclError(f"{key}._target_={target!r} cannot be imported ({exc})") from None
-    init = obj.__init__ if inspect.isclass(obj) else obj
+    chain = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c) and c is not object] if inspect.isclass(obj) else [obj]
+    params, hints = {}, {}
+    for init in chain:
+        sig, own = _one_signature(init)
+        if sig is None:
+            return params, hints, True
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in params:
+                params[name], hints[name] = p, own.get(name, p.annotation)
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params, hints, False
+    return params, hints, True
+
+
+def _one_signature(init):
     try:
-        sig = inspect.signature(obj)
+        sig = inspect.signature(init)
     except (TypeError, ValueError):
         return None, {}
     try:
@@ -169,10 +185,7 @@ def _signature(target: str, key: str):
 
 def check_target_node(node: DictConfig, key: str) -> None:
     """``node``'s keys against its ``_target_``'s signature, recursively into nested nodes."""
-    sig, hints = _signature(str(node["_target_"]), key)
-    params = {} if sig is None else {n: p for n, p in sig.parameters.items()
-                                     if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    open_kwargs = sig is None or any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    params, hints, open_kwargs = _signature(str(node["_target_"]), key)
     for name in node:
         name = str(name)
         if name.startswith("_"):
@@ -187,7 +200,7 @@ def check_target_node(node: DictConfig, key: str) -> None:
                 raise AglclError(f"{full} is required (it is '???'); set {full}=...")
             value = _get(node, name)
             if value is not _UNRESOLVED:
-                _check_value(full, value, hints.get(name, params[name].annotation))
+                _check_value(full, value, hints[name])
     _walk(node, key)
 
 
@@ -253,8 +266,33 @@ def run_config(cfg: DictConfig, num_tasks: int | None = None) -> RunConfig:
     return run
 
 
-def check_train_config(cfg: DictConfig) -> RunConfig:
-    """Refuse unknown keys and mistyped values anywhere in a composed ``train`` config; returns the run options."""
+# Groups whose objects are cheap to build (no weights, no data): building them runs their own range checks.
+BUILT = ("trainer", "method", "attribution", "distributed")
+
+
+def build_cheap(cfg: DictConfig) -> None:
+    """Instantiate (and drop) the :data:`BUILT` groups, so their ``__init__`` checks (``lr > 0``, a mode's
+    choices) run before anything is written. Errors become one line naming the group."""
+    from hydra.utils import instantiate
+
+    for group in BUILT:
+        node = cfg.get(group)
+        if not (isinstance(node, DictConfig) and node.get("_target_")):
+            continue
+        try:
+            instantiate(node)
+        except Exception as exc:
+            cause = exc
+            while cause is not None and not isinstance(cause, AglclError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise AglclError(f"{group}: {exc}") from None
+
+
+def check_train_config(cfg: DictConfig, build: bool = False) -> RunConfig:
+    """Refuse unknown keys and mistyped values anywhere in a composed ``train`` config; returns the run options.
+    ``build=True`` also runs the range checks of the cheap groups (:func:`build_cheap`)."""
     valid = {f.name for f in fields(RunConfig)} | set(GROUPS)
     for name in cfg:
         name = str(name)
@@ -274,4 +312,6 @@ def check_train_config(cfg: DictConfig) -> RunConfig:
                 check_target_node(node, group)
             else:
                 _walk(node, group)
+    if build:
+        build_cheap(cfg)
     return run

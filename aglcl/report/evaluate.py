@@ -70,19 +70,21 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
         out_dir = HydraConfig.get().runtime.output_dir
     out_dir = Path(out_dir)
-    console = Console() if Console().is_terminal else Console(width=160)  # logs and CI: no truncated tables
+    console = Console() if Console().is_terminal else Console(width=400)  # logs and CI: no truncated tables
     key, value = chosen[0], Path(cfg[chosen[0]])
     if key == "sweep_dir":
-        from aglcl.report.sweep import METRICS, TIMINGS, aggregate_sweep, write_sweep_csv
+        from aglcl.report.sweep import METRICS, TIMINGS, aggregate_sweep, sweep_status, write_sweep_csv
 
-        rows = aggregate_sweep(value)
+        rows, jobs = aggregate_sweep(value), sweep_status(value)
         common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
         for r in rows:  # label rows by what differs between them
             r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common) or "(base)"
         keys = [k for k in (*METRICS, *TIMINGS) if any(k in r for r in rows)]
-        console.print(tables.sweep_table(rows, keys, title=f"Sweep {value}"))
+        tables.print_whole(console, tables.sweep_table(rows, keys, title=f"Sweep {value}", seeds=jobs["seeds"]))
+        for line in tables.sweep_status_lines(jobs):
+            console.print(line, markup=False)
         write_sweep_csv(rows, out_dir / "sweep.csv")
-        out = {"sweep_dir": str(value), "rows": rows}
+        out = {"sweep_dir": str(value), "jobs": jobs, "rows": rows}
         rundir.write_json(out_dir / "metrics.json", out)
         console.print(f"wrote {out_dir / 'sweep.csv'}")
         return out
@@ -94,7 +96,9 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     else:
         from aglcl.report.matrix import read_matrix
 
-        tasks, R, b = read_matrix(value)
+        matrix = read_matrix(value, tasks=cfg.get("tasks"), scale=cfg.get("scale", "auto"))
+        tasks, R, b = matrix
+        console.print(matrix.scale_note)
         diagonal_only = False
     metrics = compute_all(R, b, diagonal_only=diagonal_only)
     console.print(tables.matrix_table(tasks, R, b))

@@ -42,18 +42,54 @@ def metrics_table(metrics: dict, title: str = "Continual-learning metrics") -> T
     return table
 
 
-def sweep_table(rows, metric_keys, title: str = "Sweep") -> Table:
-    """One row per override group: ``overrides``, ``n``, then ``mean ± std`` per metric key."""
+def sweep_table(rows, metric_keys, title: str = "Sweep", seeds: int | None = None) -> Table:
+    """One row per override group: ``overrides``, ``n``, then ``mean ± std`` per metric key.
+
+    A row with ``"complete": False`` (fewer runs than the sweep's ``seeds``) shows ``n`` as ``2 of 3 !``.
+    Column names are never cut: the overrides column wraps instead.
+    """
     table = Table(title=title)
-    table.add_column("overrides", style="bold", no_wrap=True)
-    table.add_column("n", justify="right")
+    table.add_column("overrides", style="bold", overflow="fold", min_width=12)
+    table.add_column("n", justify="right", no_wrap=True)
     for key in metric_keys:
-        table.add_column(str(key), justify="right", no_wrap=True)
+        table.add_column(str(key), justify="right", no_wrap=True, min_width=max(len(str(key)), 13))
     for row in rows:
         cells = []
         for key in metric_keys:
             mean, std = row.get(key) or (None, None)
             digits = 0 if key in ("wall_s", "peak_mem_mb") else 3  # seconds and MiB need no decimals
             cells.append("n/a" if mean is None else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}")
-        table.add_row(str(row.get("overrides", "")), str(row.get("n", "")), *cells)
+        n = str(row.get("n", ""))
+        if row.get("complete") is False and seeds:
+            n = f"{n} of {seeds} !"
+        table.add_row(str(row.get("overrides", "")), n, *cells)
     return table
+
+
+def print_whole(console, table) -> None:
+    """Print ``table`` without cutting a column: on a console narrower than the table's minimum width, print
+    it at that width (the terminal wraps the lines) rather than let rich squeeze columns away."""
+    from rich.measure import Measurement
+
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update_width(10**4), table).minimum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def sweep_status_lines(jobs: dict) -> list[str]:
+    """What a partial sweep lacks, for the console: failed and missing jobs, and rows short of seeds."""
+    lines = []
+    if jobs.get("expected") is not None:
+        lines.append(f"jobs: {jobs['finished']} of {jobs['expected']} finished")
+    for kind, hint in (("failed", "no results.json: it failed or was killed; resume it with resume=true "
+                                  "hydra.run.dir=<its dir>"),
+                       ("missing", "never started: the sweep stopped before it")):
+        for job in jobs.get(kind) or []:
+            lines.append(f"{kind} job {job['num']} ({job['overrides'] or 'overrides unknown'}): {hint}")
+    if jobs.get("failed") or jobs.get("missing"):
+        lines.append(f"PARTIAL SWEEP: rows marked '!' have fewer than the sweep's {jobs['seeds']} seeds; their "
+                     "means are over the runs that finished")
+    return lines
