@@ -203,7 +203,7 @@ def _fake_sweep(root: Path, finished: dict[int, float], started: tuple[int, ...]
                                  "params": None},
                      "overrides": {"task": ["model=tiny", "method=seqft,agft", "trainer.seed=0,1,2"]}}}
     (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml(cfg))
-    jobs = [[f"model=tiny", f"method={m}", f"trainer.seed={s}"] for m in ("seqft", "agft") for s in (0, 1, 2)]
+    jobs = [["model=tiny", f"method={m}", f"trainer.seed={s}"] for m in ("seqft", "agft") for s in (0, 1, 2)]
     for num in (*finished, *started):
         job = sweep / str(num)
         (job / ".hydra").mkdir(parents=True)
@@ -258,3 +258,16 @@ def test_sweep_table_keeps_column_names_whole():
     text = console.export_text()
     for key in keys:
         assert key in text, (key, text)
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"matrix": "m.csv", "foo": 1}, r"'foo' is not a config key of aglcl eval"),
+    ({"sweep_dir": "s", "tasks": ["a", "b"]}, r"tasks= and scale= apply to matrix= only"),
+    ({"run_dir": "r", "scale": 100}, r"apply to matrix= only"),
+])
+def test_eval_refuses_keys_nothing_reads(tmp_path, cfg, message):
+    from aglcl.report.evaluate import run_eval
+
+    base = {"run_dir": None, "matrix": None, "sweep_dir": None, "tasks": None, "scale": "auto"}
+    with pytest.raises(AglclError, match=message):
+        run_eval(OmegaConf.create({**base, **cfg}), out_dir=tmp_path)

@@ -172,7 +172,7 @@ def _one_signature(init):
     try:
         hints = typing.get_type_hints(init)
     except Exception:  # one forward reference we cannot evaluate: evaluate the others one by one
-        namespace = vars(inspect.getmodule(init) or inspect.getmodule(obj) or typing)
+        namespace = vars(inspect.getmodule(init) or typing)
         hints = {}
         for name, param in sig.parameters.items():
             try:

@@ -13,6 +13,7 @@ from aglcl.metrics.cl import compute_all
 from aglcl.metrics.scorers import get_scorer
 
 SOURCES = ("run_dir", "matrix", "sweep_dir")
+MATRIX_OPTIONS = ("tasks", "scale")  # how to read matrix= (aglcl/report/matrix.py)
 
 
 def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[float]]:
@@ -62,9 +63,17 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
     from aglcl.report import tables
 
+    valid = (*SOURCES, *MATRIX_OPTIONS, "paths", "hydra")
+    for key in cfg:
+        if key not in valid:
+            raise AglclError(f"'{key}' is not a config key of aglcl eval, so nothing would read it; valid keys: "
+                             f"{', '.join(repr(k) for k in valid[:-2])}")
     chosen = [key for key in SOURCES if cfg.get(key)]
     if len(chosen) != 1:
         raise AglclError(f"give exactly one of {', '.join(k + '=...' for k in SOURCES)} (got {len(chosen)})")
+    if chosen[0] != "matrix" and (cfg.get("tasks") is not None or str(cfg.get("scale", "auto")) != "auto"):
+        raise AglclError(f"tasks= and scale= apply to matrix= only; {chosen[0]}= takes its task names and "
+                         "scores from the run's own files")
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
