@@ -25,7 +25,9 @@ def encode_answer(tokenizer, answer: str) -> list[int]:
 
 
 def encode_prompt(tokenizer, prompt: str, budget: int) -> list[int]:
-    """Prompt ids (with the tokenizer's own special tokens), cut in the middle to fit ``budget``."""
+    """Prompt ids (with the tokenizer's own special tokens), cut in the middle to fit ``budget`` (>= 1)."""
+    if budget < 1:  # a cut to <= 0 tokens would keep the wrong slices (p[:-k] + p[k:]): the callers' bug
+        raise ValueError(f"prompt budget must be >= 1 token, got {budget}")
     p = tokenizer(prompt).input_ids
     if len(p) > budget:
         tail = min(16, budget // 4)

