@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEV    := $(VENV)/.installed-dev
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help install dev run test test-all lint data bench clean
+.PHONY: help install dev run test test-fast coverage lint data bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,8 +39,14 @@ data: install  ## build the offline tasks into the cache (deterministic)
 run: data  ## run the embedded default experiment offline (aglcl train)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/aglcl train
 
-test: $(DEV)  ## run the test suite (slow tests included)
+test: $(DEV)  ## run the whole test suite (slow and integration tests included)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-fast: $(DEV)  ## the inner loop: in-process tests only (no subprocess, no SmolLM2)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not integration"
+
+coverage: $(DEV)  ## line coverage of the whole suite, CLI and torchrun subprocesses included
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --cov --cov-report=term
 
 bench: data  ## the benchmark scripts (throughput vs HF Trainer; AGFT overhead, attribution time, memory)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_train_throughput.py

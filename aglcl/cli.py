@@ -18,7 +18,7 @@ Several processes (one per GPU)::
     accelerate launch --num_processes 8 -m aglcl train distributed=ddp ...
 
 Every rank resolves the same run dir (rank 0's launch time, shared before Hydra starts); only rank 0
-writes Hydra's ``.hydra/`` copies, artifacts and progress (aglcl/engine/distributed.py).
+writes Hydra's ``.hydra/`` copies, artifacts and progress (aglcl/dist.py).
 
 User errors print one line on stderr and exit with status 2 (``aglcl`` alone prints the usage, status 2);
 Ctrl-C prints one line saying how to resume and exits with 130. Set AGLCL_DEBUG=1 for tracebacks.
@@ -50,18 +50,6 @@ def _fail(cmd: str, message: str) -> None:
     sys.exit(2)
 
 
-def hydra_message(exc: BaseException) -> str:
-    """One line out of Hydra's multi-line composition errors (unknown option, bad override)."""
-    from hydra.errors import MissingConfigException
-
-    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
-        group, _, option = exc.missing_cfg_file.rpartition("/")
-        return f"unknown option '{option}' for config group '{group}'; choose from: {', '.join(exc.options)}"
-    text = str(exc).replace("\t", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " ".join(lines)
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # a missing subcommand is a usage error
@@ -75,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail("", f"unknown command '{cmd}'; choose from: {', '.join(COMMANDS)}")
     debug = os.environ.get("AGLCL_DEBUG") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's errors reach us, then print them as one line
-    from aglcl.errors import AglclError, RunInterrupted, UserAbort, os_error_message
+    from aglcl.errors import AglclError, RunInterrupted, UserAbort, hydra_message, os_error_message
 
     try:
         module = importlib.import_module(COMMANDS[cmd][0])
@@ -104,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(cmd, str(cause) if cause is not None else hydra_message(exc))
     finally:
         if "torch" in sys.modules:  # a multi-process run: close the process group before exit
-            from aglcl.engine import distributed as dist
+            from aglcl import dist
 
             dist.shutdown()
 
@@ -114,13 +102,14 @@ def _rank_setup(cmd: str, args: list[str]) -> list[str]:
     > 0, no ``.hydra/`` copies. Returns the overrides to append. Nothing happens in a single process."""
     if cmd != "train" or any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in args):
         return []
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
+    from aglcl.engine import launch
 
-    dist.export_slurm_env()  # srun with several tasks: RANK/WORLD_SIZE from SLURM
+    launch.export_slurm_env()  # srun with several tasks: RANK/WORLD_SIZE from SLURM
     if not dist.is_distributed():
         return []
-    dist.share_launch_time()
-    return dist.hydra_rank_overrides()
+    launch.share_launch_time()
+    return launch.hydra_rank_overrides()
 
 
 if __name__ == "__main__":

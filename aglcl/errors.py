@@ -65,6 +65,18 @@ def os_error_message(exc: BaseException) -> str | None:
     return " ".join(f"{verb}{where}: {exc.strerror or exc}; {hint}".split())
 
 
+def hydra_message(exc: BaseException) -> str:
+    """One line out of Hydra's multi-line composition errors (unknown option, bad override)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, option = exc.missing_cfg_file.rpartition("/")
+        return f"unknown option '{option}' for config group '{group}'; choose from: {', '.join(exc.options)}"
+    text = str(exc).replace("\t", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)
+
+
 def user_errors(task_function):
     """Decorate a Hydra task function so that user errors leave it as :class:`UserAbort`.
 

@@ -38,8 +38,8 @@ def main() -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from aglcl import dist
     from aglcl.data.collate import encode
-    from aglcl.engine import distributed as dist
     from aglcl.engine.config import TrainerConfig
     from aglcl.engine.loop import train_task
     from aglcl.methods.agft import AGFT

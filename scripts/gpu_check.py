@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     if not args.no_deepspeed and importlib.util.find_spec("deepspeed") is None:
         print("deepspeed is not installed (pip install -e '.[deepspeed]'): skipping the ZeRO-2 rows")
     elif not args.no_deepspeed:  # one rank: DeepSpeed's bf16 weights, its flat partition, the gate via step hooks
-        from aglcl.engine.distributed import DistributedConfig
+        from aglcl.engine.strategy import DistributedConfig
 
         zero2, bare = DistributedConfig(engine="deepspeed", zero_stage=2), accelerator.unwrap_model(model)
         rows.append(train_row("seqft zero2", bare, Method(), data, args, accelerator, device, engine=zero2))

@@ -48,7 +48,7 @@ def make_fixture_conf(root: Path) -> Path:
         lines += [f"  {name}:", f"    source: {{_target_: aglcl.data.sources.LocalDir, path: {path}}}",
                   "    template: '{prompt} Answer:'",
                   "    answer_prefix: ' '", "    metric: accuracy",
-                  "    scoring: {_target_: aglcl.engine.scoring.LabelLikelihood, labels: null}",
+                  "    scoring: {_target_: aglcl.data.scoring.LabelLikelihood, labels: null}",
                   "    eval_size: 8"]
     (conf / "sequence" / "fixture.yaml").write_text("\n".join(lines) + "\n")
     return conf
@@ -64,8 +64,71 @@ def tiny_overrides(conf: Path, run_dir: Path) -> list[str]:
             "trainer.max_steps=2", "trainer.batch_size=4", "trainer.precision=no", "trainer.log_every=1"]
 
 
+_TIER = {"integration": False}
+
+
+def pytest_runtest_setup(item):
+    """Remember whether the test about to run (and its fixtures) is marked ``integration``."""
+    _TIER["integration"] = item.get_closest_marker("integration") is not None
+
+
+def require_integration(what: str) -> None:
+    """Subprocesses belong to ``integration`` tests (``make test-fast`` skips them): refuse them elsewhere."""
+    if not _TIER["integration"]:
+        raise AssertionError(f"{what} in a test not marked integration: run it in-process (conftest.train) or "
+                             "mark the test @pytest.mark.integration")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m aglcl ARGS`` in a subprocess; returns the completed process (text mode)."""
+    """``python -m aglcl ARGS`` in a subprocess (integration tests only); returns the completed process."""
+    require_integration(f"run_cli{args[:1]}")
     env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str((cwd or REPO) / "outputs")}
     return subprocess.run([sys.executable, "-m", "aglcl", *args], cwd=cwd or REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def conf(tmp_path_factory) -> Path:
+    """The fixture tasks' config dir, written once per test process (a file may override it)."""
+    return make_fixture_conf(tmp_path_factory.mktemp("conf"))
+
+
+def compose_train(conf: Path, run_dir: Path, *overrides: str):
+    """The config ``aglcl train`` would run for ``tiny_overrides(conf, run_dir) + overrides``, composed
+    in-process with Hydra's compose API (HydraConfig set as in a run, so ``${hydra:...}`` resolves)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from aglcl.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*tiny_overrides(conf, run_dir), *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def train(conf: Path, run_dir: Path, *overrides: str) -> dict:
+    """``aglcl train`` in this process: composes, runs, writes the report files; returns the results
+    (``{"stopped_after": k, ...}`` after ``stop_after=k``). User errors raise ``AglclError``."""
+    from aglcl.commands.train import train as run
+
+    return run(compose_train(conf, run_dir, *overrides), run_dir)
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def assert_resumes_like_unbroken(resumed: Path | dict, unbroken: Path | dict) -> None:
+    """A resumed run's R, b, metrics and per-task losses equal the unbroken run's (run dirs or results)."""
+    a = results(resumed) if isinstance(resumed, Path) else resumed
+    b = results(unbroken) if isinstance(unbroken, Path) else unbroken
+    assert a["tasks"] == b["tasks"]
+    assert a["R"] == b["R"] and a["b"] == b["b"], (a["R"], b["R"])
+    assert a["metrics"] == b["metrics"]
+    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]

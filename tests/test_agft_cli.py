@@ -1,4 +1,4 @@
-"""``aglcl train method=agft`` end to end on the tiny model: maps written, gate active, eval reads them."""
+"""``aglcl train method=agft`` end to end on the tiny model (in-process): maps written, gate active, eval reads them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_fixture_conf, run_cli, tiny_overrides
+from conftest import make_fixture_conf, run_cli, train
 
 from aglcl.attribution import store
 
@@ -16,10 +16,8 @@ def agft_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("agft")
     conf = make_fixture_conf(root)
     run = root / "run"
-    proc = run_cli("train", *tiny_overrides(conf, run), "method=agft", "attribution=grad_x_weight",
-                   "attribution.after_last=true",
-                   "attribution.estimator.correct_only=false", cwd=root)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(conf, run, "method=agft", "attribution=grad_x_weight", "attribution.after_last=true",
+          "attribution.estimator.correct_only=false")
     return root, conf, run
 
 
@@ -40,6 +38,7 @@ def test_agft_writes_per_task_and_combined_maps(agft_run):
     assert results["method"] == "aglcl.methods.agft.AGFT"
 
 
+@pytest.mark.integration
 def test_eval_reports_importance_per_layer_and_overlap(agft_run):
     root, _, run = agft_run
     out = root / "eval"
@@ -57,18 +56,17 @@ def test_eval_reports_importance_per_layer_and_overlap(agft_run):
 def test_every_estimator_runs_in_the_cli(agft_run, tmp_path, estimator):
     _, conf, _ = agft_run
     run = tmp_path / "run"
-    proc = run_cli("train", *tiny_overrides(conf, run), "method=agft", f"attribution={estimator}",
-                   "method.mode=grad", "attribution.estimator.num_samples=4", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(conf, run, "method=agft", f"attribution={estimator}", "method.mode=grad",
+          "attribution.estimator.num_samples=4")
     assert (run / "importance" / "combined.safetensors").is_file()
 
 
 def test_agft_without_attribution_is_refused(agft_run, tmp_path):
     _, conf, _ = agft_run
-    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), "method=agft", "attribution=none",
-                   cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "attribution=" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    from aglcl.errors import AglclError
+
+    with pytest.raises(AglclError, match="attribution="):
+        train(conf, tmp_path / "run", "method=agft", "attribution=none")
 
 
 def test_restore_reads_the_maps_and_refuses_a_mismatched_model(agft_run):
@@ -90,9 +88,8 @@ def test_restore_reads_the_maps_and_refuses_a_mismatched_model(agft_run):
 def test_agft_with_lora_gates_the_weight_space_delta(agft_run, tmp_path):
     _, conf, _ = agft_run
     run = tmp_path / "run"
-    proc = run_cli("train", *tiny_overrides(conf, run), "peft=lora", "method=agft",
-                   "attribution.estimator.correct_only=false", "peft.target_modules=[q_proj,v_proj]", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(conf, run, "peft=lora", "method=agft", "attribution.estimator.correct_only=false",
+          "peft.target_modules=[q_proj,v_proj]")
     maps, _ = store.load_map(run / "importance" / "combined.safetensors")
     assert any(name.endswith("q_proj.base_layer.weight") for name in maps)
     assert not any("lora_" in name for name in maps)

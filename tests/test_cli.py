@@ -8,6 +8,8 @@ import json
 import pytest
 from conftest import make_fixture_conf, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
+
 CONTRACT = ["results.json", "R.csv", "R_heatmap.png", "state.json", ".hydra/config.yaml"]
 
 
@@ -112,7 +114,7 @@ def test_tensorboard_logger_writes_event_files(trained, tmp_path):
 
 def test_fp16_without_a_gpu_warns_that_it_runs_fp32(tmp_path):
     """accelerate has no fp16 autocast or grad scaler on CPU: the run goes on in fp32 and says so."""
-    from aglcl.engine.distributed import has_accelerator
+    from aglcl.dist import has_accelerator
 
     if has_accelerator():
         pytest.skip("a GPU is present: fp16 is real here")

@@ -21,9 +21,9 @@ import torch
 from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
 from torch import nn
 
+from aglcl import rundir
 from aglcl.attribution import store as S
 from aglcl.attribution.pipeline import Attribution
-from aglcl.engine import rundir
 from aglcl.errors import AglclError, UserAbort, os_error_message, user_errors
 from aglcl.report.evaluate import matrix_from_run
 from aglcl.report.matrix import read_matrix, write_matrix_csv
@@ -375,6 +375,7 @@ def test_malformed_matrix_json(tmp_path, text):
 
 
 # ------------------------------------------------------------------------------------------ CLI level
+@pytest.mark.integration
 def test_eval_truncated_results_json(tmp_path):
     run = fake_run(tmp_path)
     (run / rundir.RESULTS).write_bytes((run / rundir.RESULTS).read_bytes()[:30])
@@ -383,6 +384,7 @@ def test_eval_truncated_results_json(tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.integration
 def test_eval_broken_prediction_line(tmp_path):
     run = fake_run(tmp_path)
     file = rundir.stage_dir(run, 2, "b") / "a.jsonl"
@@ -391,6 +393,7 @@ def test_eval_broken_prediction_line(tmp_path):
     one_line_exit(proc, f"{file}:3")
 
 
+@pytest.mark.integration
 def test_eval_malformed_matrix(tmp_path):
     file = tmp_path / "R.csv"
     file.write_text("after,a,b\na,0.9,0.1\nb,0.5,\x00oops\n", encoding="utf-8")
@@ -398,6 +401,7 @@ def test_eval_malformed_matrix(tmp_path):
     one_line_exit(proc, file)
 
 
+@pytest.mark.integration
 def test_eval_on_a_full_disk_keeps_the_old_metrics(tmp_path):
     """``os.fsync`` fails with ENOSPC in the ``aglcl eval`` process: one line, old metrics.json intact."""
     matrix = tmp_path / "m.csv"
@@ -443,6 +447,7 @@ def cli_with_readonly(ro: Path, *args: str, cwd: Path) -> subprocess.CompletedPr
                            *args], cwd=cwd, env=env, text=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_eval_into_a_readonly_dir(tmp_path):
     matrix = tmp_path / "m.csv"
     write_matrix_csv(matrix, TASKS, [[0.9, 0.1], [0.5, 0.8]])
@@ -453,6 +458,7 @@ def test_eval_into_a_readonly_dir(tmp_path):
     assert not (ro / "out").exists()
 
 
+@pytest.mark.integration
 def test_train_into_a_readonly_parent(tmp_path):
     conf = make_fixture_conf(tmp_path)
     ro = tmp_path / "ro"
@@ -462,6 +468,7 @@ def test_train_into_a_readonly_parent(tmp_path):
     assert not (ro / "run").exists()
 
 
+@pytest.mark.integration
 def test_train_into_a_readonly_run_dir_keeps_its_artifacts(tmp_path):
     """An earlier run's files stay byte-for-byte as they were."""
     conf = make_fixture_conf(tmp_path)
@@ -472,6 +479,7 @@ def test_train_into_a_readonly_run_dir_keeps_its_artifacts(tmp_path):
     assert snapshot(run) == before
 
 
+@pytest.mark.integration
 def test_train_with_readonly_predictions_dir(tmp_path):
     """The run dir is writable but ``predictions/`` is not: the job itself fails at its first prediction
     file, with one line naming it; nothing lands in ``predictions/`` and no results are written."""

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from aglcl.data.collate import encode_prompt
 from aglcl.data.formats import CLBenchTask
+from aglcl.data.scoring import GreedyGeneration, LabelLikelihood, check_scoring
 from aglcl.data.sources import Files, HFDataset
 from aglcl.data.tasks import Task, load_sequence, render
-from aglcl.engine.scoring import GreedyGeneration, LabelLikelihood, check_scoring
 from aglcl.errors import AglclError
 from aglcl.models import build_tiny
 
@@ -45,7 +45,7 @@ def write_splits(root, train, test):
 def sequence(tmp_path, train=PARITY[:8], test=PARITY[8:], scoring=None, **spec):
     source = {"_target_": "aglcl.data.sources.LocalDir", "path": str(write_splits(tmp_path / "parity", train, test))}
     task = {"source": source, "template": "{prompt} Answer:", "answer_prefix": " ", "metric": "accuracy",
-            "scoring": scoring or {"_target_": "aglcl.engine.scoring.LabelLikelihood", "labels": None}, **spec}
+            "scoring": scoring or {"_target_": "aglcl.data.scoring.LabelLikelihood", "labels": None}, **spec}
     return OmegaConf.create({"name": "t", "order": ["parity"], "tasks": {"parity": task}})
 
 
@@ -111,7 +111,7 @@ def test_all_empty_answers_are_refused(tmp_path):
     rows = [(p, "") for p, _ in PARITY]
     refused(lambda: load_sequence(sequence(tmp_path, rows[:8], rows[8:])), "every train answer of task 'parity'",
             "sequence.tasks.parity.source.answer_field")
-    generation = {"_target_": "aglcl.engine.scoring.GreedyGeneration"}  # whatever the scorer
+    generation = {"_target_": "aglcl.data.scoring.GreedyGeneration"}  # whatever the scorer
     refused(lambda: load_sequence(sequence(tmp_path, rows[:8], rows[8:], scoring=generation)), "is empty")
 
 
@@ -153,15 +153,15 @@ def test_an_inferred_label_set_is_logged_once_per_task(tmp_path, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="aglcl.data.tasks"):
         load_sequence(sequence(tmp_path, labels=["even", "odd"]))
-        load_sequence(sequence(tmp_path, scoring={"_target_": "aglcl.engine.scoring.GreedyGeneration"}))
+        load_sequence(sequence(tmp_path, scoring={"_target_": "aglcl.data.scoring.GreedyGeneration"}))
     assert not [r for r in caplog.records if r.name == "aglcl.data.tasks"]
 
 
 def test_free_text_answers_are_not_taken_for_labels(tmp_path):
     rows = [(f"What is {n} plus one?", str(n + 1)) for n in range(240)]
     refused(lambda: load_sequence(sequence(tmp_path, rows[:200], rows[200:])), "200 of its 200 train answers",
-            "free text", "aglcl.engine.scoring.Generation")
-    generation = {"_target_": "aglcl.engine.scoring.GreedyGeneration"}
+            "free text", "aglcl.data.scoring.Generation")
+    generation = {"_target_": "aglcl.data.scoring.GreedyGeneration"}
     assert load_sequence(sequence(tmp_path, rows[:200], rows[200:], scoring=generation))
 
 
@@ -172,7 +172,7 @@ def test_malformed_label_lists_are_refused(tmp_path, labels, needle):
 
 
 def test_spec_and_scoring_labels_must_agree(tmp_path):
-    scoring = {"_target_": "aglcl.engine.scoring.LabelLikelihood", "labels": ["even", "odd", "other"]}
+    scoring = {"_target_": "aglcl.data.scoring.LabelLikelihood", "labels": ["even", "odd", "other"]}
     refused(lambda: load_sequence(sequence(tmp_path, scoring=scoring, labels=["even", "odd"])), "differ")
 
 
@@ -281,6 +281,7 @@ def test_offline_package_data_of_another_layout_is_one_line(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------ 6. data validate
+@pytest.mark.integration
 def test_data_validate_reads_sequences_from_the_searchpath(tmp_path):
     conf = make_fixture_conf(tmp_path)
     (conf / "sequence" / "broken.yaml").write_text(

@@ -7,6 +7,8 @@ import json
 import pytest
 from conftest import run_cli
 
+pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
+
 
 @pytest.mark.slow
 def test_default_experiment_runs_offline_for_two_steps(tmp_path, monkeypatch):

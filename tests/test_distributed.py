@@ -53,7 +53,7 @@ def _trainer(batch_size: int):
 
 
 def _full(t, param=None):
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
 
     if dist.is_dtensor(t):
         return t.full_tensor().detach().clone()
@@ -63,7 +63,7 @@ def _full(t, param=None):
 
 
 def _spy_agft(mode: str):
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
     from aglcl.methods.agft import AGFT
 
     class Spy(AGFT):
@@ -84,7 +84,7 @@ def _spy_agft(mode: str):
 
 def train_once(mode: str, engine: str, accelerator, batch_size: int) -> dict[str, torch.Tensor]:
     """Train the tiny model STEPS steps under AGFT; the weights and gated gradients, gathered whole."""
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
     from aglcl.engine.loop import train_task
     from aglcl.models import build_tiny
 
@@ -105,7 +105,7 @@ def train_once(mode: str, engine: str, accelerator, batch_size: int) -> dict[str
 def ewc_once(engine: str, accelerator, batch_size: int) -> dict[str, torch.Tensor]:
     """EWC after a first task (F on every weight, θ*), then STEPS steps of a second one: the weights and the
     gathered (F, θ*) a checkpoint would hold. Under FSDP2 F and θ* are per-rank shards."""
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
     from aglcl.engine.loop import train_task
     from aglcl.methods.ewc import EWC
     from aglcl.models import build_tiny
@@ -127,7 +127,7 @@ def ewc_once(engine: str, accelerator, batch_size: int) -> dict[str, torch.Tenso
 
 
 def _spec(engine: str):
-    from aglcl.engine.distributed import DistributedConfig
+    from aglcl.engine.strategy import DistributedConfig
 
     if engine.startswith("deepspeed"):  # deepspeed: ZeRO-2, deepspeed3: ZeRO-3
         return DistributedConfig(engine="deepspeed", zero_stage=3 if engine.endswith("3") else 2)
@@ -144,9 +144,9 @@ def _engine(model, engine: str, accelerator):
 
 def attribute_once(engine: str, accelerator, run_dir: Path) -> dict[str, torch.Tensor]:
     """Raw maps for each reduction, the pipeline's combined map, and the map read back (all whole)."""
+    from aglcl import dist
     from aglcl.attribution.estimators import GradXWeight
     from aglcl.attribution.pipeline import Attribution
-    from aglcl.engine import distributed as dist
     from aglcl.models import build_tiny
 
     model, tok = build_tiny()
@@ -169,7 +169,7 @@ def lora_once(engine: str, accelerator) -> dict[str, torch.Tensor]:
     """AGFT under LoRA: merge the first delta with the gate, train-like change of B, logits of a batch."""
     from peft import LoraConfig, get_peft_model
 
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
     from aglcl.methods.agft import AGFT
     from aglcl.methods.lora_gate import lora_layers
     from aglcl.models import build_tiny
@@ -187,7 +187,7 @@ def lora_once(engine: str, accelerator) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     maps = {n: torch.rand(params[n].shape, generator=gen) for n in lora_layers(model)}
     if engine == "fsdp2":  # under PEFT: the decoder layers are found through the wrapped model
-        from aglcl.engine.distributed import DistributedConfig
+        from aglcl.engine.strategy import DistributedConfig
 
         model = DistributedConfig(engine="fsdp2").shard_model(model)
     elif engine == "ddp":
@@ -208,9 +208,10 @@ def _worker(engine: str, out_dir: Path) -> None:
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
+    from aglcl.engine import launch
 
-    stamp = dist.launch_time().timestamp()  # before the process group: through torchrun's store
+    stamp = launch.launch_time().timestamp()  # before the process group: through torchrun's store
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == WORLD, accelerator.state
     results = {}
@@ -279,6 +280,7 @@ def _read(out: Path, rank: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / f"rank{rank}.safetensors"))
 
 
+@pytest.mark.integration
 def test_gate_and_weights_match_one_process(launched, reference):
     engine, out = launched
     got = _read(out, 0)
@@ -294,6 +296,7 @@ def test_gate_and_weights_match_one_process(launched, reference):
         assert seen == (0 if engine.startswith("deepspeed") else STEPS)
 
 
+@pytest.mark.integration
 def test_attribution_maps_match_one_process_and_agree_across_ranks(launched, reference):
     engine, out = launched
     ranks = [_read(out, r) for r in range(WORLD)]
@@ -306,6 +309,7 @@ def test_attribution_maps_match_one_process_and_agree_across_ranks(launched, ref
         torch.testing.assert_close(ranks[0][k.replace("/combined/", "/restored/")], ranks[0][k], atol=0, rtol=0)
 
 
+@pytest.mark.integration
 def test_lora_gate_matches_one_process(launched, reference):
     engine, out = launched
     for rank in range(WORLD):
@@ -313,6 +317,7 @@ def test_lora_gate_matches_one_process(launched, reference):
                                    msg=f"{engine} rank {rank}")
 
 
+@pytest.mark.integration
 def test_ewc_matches_one_process(launched, reference):
     """EWC's penalty under DDP, FSDP2 (on each rank's shard of F and θ*) and ZeRO-2 moves the weights as in
     one process, and the state a checkpoint writes is the same whole F and θ*."""
@@ -326,6 +331,7 @@ def test_ewc_matches_one_process(launched, reference):
         torch.testing.assert_close(got[k], reference[k], atol=1e-5, rtol=1e-4, msg=f"{engine} {k}")
 
 
+@pytest.mark.integration
 def test_run_dir_artifacts_and_timestamp(launched):
     engine, out = launched
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -341,10 +347,11 @@ def test_run_dir_artifacts_and_timestamp(launched):
 
 # -- one process: launch helpers, engines, launcher configs, DeepSpeed layouts ------------------------------
 def test_slurm_env_and_first_host(monkeypatch):
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
+    from aglcl.engine import launch
 
-    assert dist.first_host("gpu[003-005,9],cpu1") == "gpu003"
-    assert dist.first_host("node7") == "node7"
+    assert launch.first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert launch.first_host("node7") == "node7"
     keep = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     monkeypatch.setattr(os, "environ", keep)  # export_slurm_env writes os.environ: keep that out of later tests
@@ -353,28 +360,29 @@ def test_slurm_env_and_first_host(monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "3")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[12-13]")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    assert dist.export_slurm_env()
+    assert launch.export_slurm_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("3", "8", "gpu12")
     assert dist.rank() == 3 and dist.world_size() == 8 and not dist.is_main_process()
-    assert dist.hydra_rank_overrides() == ["hydra.output_subdir=null"]
+    assert launch.hydra_rank_overrides() == ["hydra.output_subdir=null"]
 
 
 def test_ranks_above_zero_log_warnings_only(monkeypatch, tmp_path):
     import logging
 
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
+    from aglcl.engine import launch
 
     root = logging.getLogger()
     handler = logging.FileHandler(tmp_path / "train.log")
     monkeypatch.setattr(root, "handlers", [*root.handlers, handler])
     monkeypatch.setattr(root, "level", logging.INFO)
     monkeypatch.setattr(dist, "rank", lambda: 1)
-    dist.quiet_non_main()
+    launch.quiet_non_main()
     assert root.level == logging.WARNING and handler not in root.handlers
-    assert not dist.use_progress_bars(type("C", (), {"is_terminal": True})())
+    assert not launch.use_progress_bars(type("C", (), {"is_terminal": True})())
     monkeypatch.setattr(dist, "rank", lambda: 0)
-    assert dist.use_progress_bars(type("C", (), {"is_terminal": True})())
-    assert not dist.use_progress_bars(type("C", (), {"is_terminal": False})())
+    assert launch.use_progress_bars(type("C", (), {"is_terminal": True})())
+    assert not launch.use_progress_bars(type("C", (), {"is_terminal": False})())
     for name in ("transformers", "datasets", "accelerate", "aglcl"):
         logging.getLogger(name).setLevel(logging.NOTSET)
 
@@ -382,11 +390,11 @@ def test_ranks_above_zero_log_warnings_only(monkeypatch, tmp_path):
 def test_launch_time_pins_hydra_now(monkeypatch):
     import hydra.core.utils as hydra_utils
 
-    from aglcl.engine import distributed as dist
+    from aglcl.engine import launch
 
-    monkeypatch.setenv(dist.LAUNCH_TIME_ENV, "1700000000.5")
+    monkeypatch.setenv(launch.LAUNCH_TIME_ENV, "1700000000.5")
     monkeypatch.setattr(hydra_utils, "datetime", hydra_utils.datetime)  # undone after the test
-    moment = dist.share_launch_time()
+    moment = launch.share_launch_time()
     assert moment.timestamp() == 1700000000.5
     hydra_utils.setup_globals()
     from omegaconf import OmegaConf
@@ -416,12 +424,12 @@ def test_engine_configs_compose_and_build(name):
         assert ds["train_batch_size"] == trainer.batch_size * trainer.grad_accum * 8
         assert ds["gradient_clipping"] == 0.0  # the stepper clips, after the method's gate
         return
-    if name == "fsdp2":  # sharded by shard_model; accelerate's plugin is still buildable from the same fields
-        assert kwargs == {} and spec.fsdp_plugin().fsdp_version == 2
+    if name == "fsdp2":  # sharded by shard_model, not by an accelerate plugin
+        assert kwargs == {} and spec.sharded
 
 
 def test_bad_engine_names_the_key():
-    from aglcl.engine.distributed import DistributedConfig
+    from aglcl.engine.strategy import DistributedConfig
     from aglcl.errors import AglclError
 
     with pytest.raises(AglclError, match="distributed.engine"):
@@ -471,7 +479,7 @@ def _zero_flat(numels, world, stage, alignment=2):
 @pytest.mark.parametrize("numels", [[6, 10, 3], [1, 1, 1, 1, 1], [17]])
 def test_deepspeed_partition_layout(stage, numels):
     """The gate laid out on a rank's flat partition sits on exactly the elements that partition holds."""
-    from aglcl.engine import zero
+    from aglcl import zero
 
     world = 4
     params, parts = _zero_flat(numels, world, stage)
@@ -487,8 +495,8 @@ def test_deepspeed_partition_layout(stage, numels):
 def test_agft_gates_the_client_optimizer_on_flat_partitions():
     """Update mode through the client optimizer's step hooks on a ZeRO-2-like flat partition equals the
     per-parameter update gate."""
-    from aglcl.engine.zero import deepspeed_engine_optimizer
     from aglcl.methods.agft import AGFT
+    from aglcl.zero import deepspeed_engine_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
@@ -544,8 +552,8 @@ def test_agft_gates_the_client_optimizer_on_flat_partitions():
 
 def test_sharded_map_files_read_back_by_slices(tmp_path, monkeypatch):
     """Shards written as two ranks would (one process, faked ranks) read back whole and by region."""
+    from aglcl import dist
     from aglcl.attribution import store
-    from aglcl.engine import distributed as dist
 
     full = {"a": torch.rand(5, 3), "b": torch.rand(4)}
     path = tmp_path / "combined.safetensors"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
+
 AGFT = ["method=agft", "attribution=grad_x_weight", "attribution.estimator.num_samples=4",
         "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
 
@@ -24,9 +26,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, cwd: Path, entry: list[str] | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m aglcl train ARGS`` (or ``torchrun ENTRY... ARGS``)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
+def torchrun(*args: str, cwd: Path, entry: list[str] | None = None, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m aglcl train ARGS`` (or ``torchrun ENTRY... ARGS``); ``path``: more
+    import roots for the ranks (e.g. tests/ for a test plugin)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, *path))), "OMP_NUM_THREADS": "1",
+           "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
     env.pop("AGLCL_LAUNCH_TIME", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_port()), *(entry or ["-m", "aglcl", "train"]), *args]
@@ -88,8 +92,8 @@ def test_ddp_ewc_with_generation_scoring(tmp_path):
     conf, run = make_fixture_conf(tmp_path), tmp_path / "run"
     fixture = conf / "sequence" / "fixture.yaml"
     fixture.write_text(fixture.read_text().replace(  # the first task scored by generation
-        "{_target_: aglcl.engine.scoring.LabelLikelihood, labels: null}",
-        "{_target_: aglcl.engine.scoring.Generation, max_new_tokens: 3}", 1))
+        "{_target_: aglcl.data.scoring.LabelLikelihood, labels: null}",
+        "{_target_: aglcl.data.scoring.Generation, max_new_tokens: 3}", 1))
     proc = torchrun(*tiny_overrides(conf, run), "distributed=ddp", "method=ewc", "method.num_samples=4",
                     "trainer.lr=5e-3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -178,7 +182,7 @@ def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
     (["distributed=fsdp2", "distributed.cpu_offload=true"], "needs a GPU"),
 ])
 def test_engine_refusals_are_one_line(conf, tmp_path, args, needle):
-    from aglcl.engine.distributed import has_accelerator
+    from aglcl.dist import has_accelerator
 
     if needle == "needs a GPU" and has_accelerator():
         pytest.skip("this machine has a GPU: FSDP2's CPU offload is allowed")

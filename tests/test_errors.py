@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import make_fixture_conf, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
+
 
 def _assert_one_line_error(proc, *needles: str) -> str:
     assert proc.returncode != 0
@@ -24,7 +26,7 @@ def _write_sequence(conf: Path, source: str) -> None:
     (conf / "sequence" / "broken.yaml").write_text(
         "# aglcl train sequence=broken\nname: broken\norder: [t]\ntasks:\n  t:\n"
         f"    source: {source}\n    template: '{{prompt}}'\n    metric: accuracy\n"
-        "    scoring: {_target_: aglcl.engine.scoring.LabelLikelihood}\n")
+        "    scoring: {_target_: aglcl.data.scoring.LabelLikelihood}\n")
 
 
 @pytest.fixture

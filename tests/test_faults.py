@@ -17,10 +17,14 @@ import sys
 import pytest
 from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.integration  # subprocesses: kill -9 and SIGINT at chosen points
+
 KILLER = """
 import functools, importlib, os, signal, sys
 module, attr, nth, match = sys.argv[1:5]
 sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
+if sig == signal.SIGINT:  # as in a terminal: a launcher in the background (`make test &`) may ignore SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 owner = importlib.import_module(module)
 *path, name = attr.split(".")
 for part in path:

@@ -224,13 +224,14 @@ def _write_sequence(conf: Path, source: str) -> None:
     (conf / "sequence" / "broken.yaml").write_text(
         "# aglcl train sequence=broken\nname: broken\norder: [t]\ntasks:\n  t:\n"
         f"    source: {source}\n    template: '{{prompt}}'\n    metric: accuracy\n"
-        "    scoring: {_target_: aglcl.engine.scoring.LabelLikelihood}\n")
+        "    scoring: {_target_: aglcl.data.scoring.LabelLikelihood}\n")
 
 
 @pytest.mark.parametrize("name, data, needle", [
     ("deep.json", b"[" * 100_000 + b"]" * 100_000, "deep.json"),
     ("bad.jsonl", b'{"prompt": "a", "answer": "b"}\n{"prompt": "\xff\xfe", "answer": "b"}\n', "bad.jsonl"),
 ])
+@pytest.mark.integration
 def test_train_on_malformed_file_is_one_line(tmp_path, name, data, needle):
     conf = make_fixture_conf(tmp_path)
     run = tmp_path / "run"

@@ -173,6 +173,7 @@ def test_json_scale_and_range(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- CLI
+@pytest.mark.integration
 def test_cli_headerless(tmp_path):
     table = _file(tmp_path, "90,,\n70,80,\n60,70,90\n", "paper.csv")
     out = tmp_path / "out"

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TASKS, make_fixture_conf, run_cli, tiny_overrides
+from conftest import TASKS, assert_resumes_like_unbroken, train
 
 from aglcl.data.collate import collate, encode
 from aglcl.errors import AglclError
@@ -36,11 +36,6 @@ FAST = ["trainer.lr=5e-3"]  # large enough that two steps move the tiny model an
 
 
 @pytest.fixture(scope="module")
-def conf(tmp_path_factory):
-    return make_fixture_conf(tmp_path_factory.mktemp("methods"))
-
-
-@pytest.fixture(scope="module")
 def tiny():
     from aglcl.models import build_tiny
 
@@ -49,38 +44,28 @@ def tiny():
     return model, tok, data
 
 
-def _results(run):
-    return json.loads((run / "results.json").read_text())
-
-
 @pytest.mark.parametrize(("method", "extra", "has_state"), TEST_CASES,
                          ids=[f"{m}-{'-'.join(e) or 'default'}" for m, e, _ in TEST_CASES])
 def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, extra, has_state):
     args = [*FAST, f"method={method}", *extra]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    proc = run_cli("train", *tiny_overrides(conf, whole), *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = _results(whole)
+    a = train(conf, whole, *args)
     assert a["method"].rsplit(".", 2)[-2] == ("compose" if method.endswith("_replay") else method)
     assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
     assert a["diagonal_only"] == (method == "single")  # single: only plasticity is reported
     assert (a["metrics"]["op"] is None) == (method == "single") and a["metrics"]["plasticity"] is not None
     assert json.loads((whole / "state.json").read_text())["next_task"] == 2
 
-    proc = run_cli("train", *tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train(conf, split, *args, "stop_after=1")["stopped_after"] == 1
     assert (split / "checkpoint" / "task_1" / "method.safetensors").is_file() == has_state
-    proc = run_cli("train", *tiny_overrides(conf, split), *args, "resume=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    b = _results(split)
-    assert a["R"] == b["R"] and a["b"] == b["b"] and a["metrics"] == b["metrics"]
-    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
+    train(conf, split, *args, "resume=true")
+    assert_resumes_like_unbroken(split, whole)
 
 
-def test_bad_hyper_parameter_through_the_cli(conf, tmp_path):
-    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), "method=ewc", "method.lam=-1", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "method.lam" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_bad_hyper_parameter_is_refused_before_training(conf, tmp_path):
+    with pytest.raises(AglclError, match="method.lam"):
+        train(conf, tmp_path / "run", "method=ewc", "method.lam=-1")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("make", "key"), [
@@ -146,7 +131,7 @@ def test_ewc_modes_and_state_round_trip(tiny):
 def test_lwf_kl_is_zero_when_student_equals_teacher(tiny):
     import copy
 
-    from aglcl.engine.loop import lm_forward
+    from aglcl.models.forward import lm_forward
 
     model, tok, data = tiny
     model = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""Continual-learning metrics on hand-computed matrices (formulas in DESIGN.md section 6)."""
+"""Continual-learning metrics on hand-computed matrices (formulas in docs/design.md, "Metric definitions")."""
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TASKS, make_fixture_conf, run_cli, tiny_overrides
+from conftest import TASKS, assert_resumes_like_unbroken, train
 
 from aglcl.data.collate import IGNORE, collate, encode
 from aglcl.errors import AglclError
@@ -33,11 +33,6 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def conf(tmp_path_factory):
-    return make_fixture_conf(tmp_path_factory.mktemp("migu_seekr"))
-
-
-@pytest.fixture(scope="module")
 def tiny():
     from aglcl.models import build_tiny
 
@@ -46,23 +41,16 @@ def tiny():
     return model, tok, data
 
 
-def _results(run):
-    return json.loads((run / "results.json").read_text())
-
-
 @pytest.mark.parametrize(("method", "extra", "has_state"), CASES, ids=[c[0] for c in CASES])
 def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, extra, has_state):
     args = [*FAST, f"method={method}", *extra]
     whole, split = tmp_path / "whole", tmp_path / "split"
-    proc = run_cli("train", *tiny_overrides(conf, whole), *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = _results(whole)
+    a = train(conf, whole, *args)
     assert a["method"].rsplit(".", 2)[-2] == method
     assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
     assert json.loads((whole / "state.json").read_text())["next_task"] == 2
 
-    proc = run_cli("train", *tiny_overrides(conf, split), *args, "stop_after=1", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train(conf, split, *args, "stop_after=1")["stopped_after"] == 1
     assert json.loads((split / "state.json").read_text())["next_task"] == 1
     saved = split / "checkpoint" / "task_1" / "method.safetensors"
     assert saved.is_file() == has_state
@@ -73,17 +61,14 @@ def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, ex
         assert len(unpack_examples(state)) == 2
         assert state["heads"].dtype == torch.bool and int(state["heads"].sum()) == 3
         assert int(state["heads"].any(1).sum()) == 1 and state["scores"].shape == state["heads"].shape
-    proc = run_cli("train", *tiny_overrides(conf, split), *args, "resume=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    b = _results(split)
-    assert a["R"] == b["R"] and a["b"] == b["b"] and a["metrics"] == b["metrics"]
-    assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
+    train(conf, split, *args, "resume=true")
+    assert_resumes_like_unbroken(split, whole)
 
 
-def test_bad_hyper_parameter_through_the_cli(conf, tmp_path):  # one CLI run; the other keys are checked below
-    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), "method=migu", "method.quantile=1.0", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "method.quantile" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_bad_hyper_parameter_is_refused_before_training(conf, tmp_path):  # the other keys are checked below
+    with pytest.raises(AglclError, match="method.quantile"):
+        train(conf, tmp_path / "run", "method=migu", "method.quantile=1.0")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(("make", "key"), [
@@ -169,7 +154,7 @@ def test_migu_targets_every_attn_and_mlp_layer_of_the_tiny_llama(tiny):
     migu = MIGU()
     migu.before_task(1, None, model)
     assert len(migu._targets) == 2 * 7  # q k v o gate up down, two blocks
-    from aglcl.engine.loop import lm_forward
+    from aglcl.models.forward import lm_forward
 
     batch = collate(data["parity"][:4], tok.pad_token_id)
     lm_forward(model, batch).loss.backward()
@@ -223,7 +208,7 @@ def test_eager_attention_is_switched_only_inside_the_block(tiny):
 
 
 def test_seekr_buffer_heads_distillation_and_state(tiny):
-    from aglcl.engine.loop import lm_forward
+    from aglcl.models.forward import lm_forward
 
     model, tok, data = tiny
     model = copy.deepcopy(model).train()

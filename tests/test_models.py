@@ -20,6 +20,7 @@ TEXTS = [
 ]
 
 
+@pytest.mark.integration
 def test_import_is_cheap():
     code = "import sys, aglcl.models; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -94,7 +94,7 @@ import json, sys, torch
 from accelerate import Accelerator
 from aglcl.data.collate import encode
 from aglcl.engine.config import TrainerConfig
-from aglcl.engine.distributed import DistributedConfig
+from aglcl.engine.strategy import DistributedConfig
 from aglcl.engine.loop import train_task
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
@@ -120,6 +120,7 @@ except AglclError as exc:
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_deepspeed_engine_skips_or_stops_on_a_nan_loss(policy, tmp_path):
     """DeepSpeed's own overflow check drops the poisoned step; the policy then counts it or stops the task."""

@@ -90,6 +90,7 @@ def one_line(proc, *needles):
     return lines[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad", ["trainer.batch_size=2.5", "stop_after=abc", "+lr=1e-4", "trainer.lr=-1"])
 def test_a_bad_value_writes_nothing(conf, tmp_path, bad):
     run = tmp_path / "run"
@@ -97,6 +98,7 @@ def test_a_bad_value_writes_nothing(conf, tmp_path, bad):
     assert not run.exists()
 
 
+@pytest.mark.integration
 def test_a_bad_sweep_value_is_refused_before_the_first_job(conf, tmp_path):
     sweep = tmp_path / "sweep"
     args = [o for o in tiny_overrides(conf, tmp_path / "x") if not o.startswith("hydra.run.dir")]
@@ -114,6 +116,7 @@ def finished(conf, tmp_path_factory):
     return run
 
 
+@pytest.mark.integration
 def test_a_fresh_run_into_a_finished_run_dir_is_refused(conf, finished, tmp_path):
     before = (finished / "results.json").read_text(), (finished / "train.log").read_text()
     one_line(run_cli("train", *tiny_overrides(conf, finished), cwd=tmp_path), "holds a finished run",
@@ -121,6 +124,7 @@ def test_a_fresh_run_into_a_finished_run_dir_is_refused(conf, finished, tmp_path
     assert ((finished / "results.json").read_text(), (finished / "train.log").read_text()) == before
 
 
+@pytest.mark.integration
 def test_overwrite_starts_from_an_empty_dir(conf, finished, tmp_path):
     import shutil
 
@@ -136,6 +140,7 @@ def test_overwrite_starts_from_an_empty_dir(conf, finished, tmp_path):
     assert json.loads((run / "results.json").read_text())["method"].endswith("SeqFT")
 
 
+@pytest.mark.integration
 def test_overwrite_refuses_a_directory_that_holds_no_run(conf, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -144,6 +149,7 @@ def test_overwrite_refuses_a_directory_that_holds_no_run(conf, tmp_path):
     assert (mine / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_a_run_dir_that_is_a_file_is_refused(conf, tmp_path, command):
     target = tmp_path / "afile"
@@ -153,6 +159,7 @@ def test_a_run_dir_that_is_a_file_is_refused(conf, tmp_path, command):
     assert target.read_text() == "x"
 
 
+@pytest.mark.integration
 def test_a_locked_run_dir_is_refused_and_a_stale_lock_is_taken_over(conf, tmp_path):
     run = tmp_path / "run"
     lock = ownership.RunLock(run)
@@ -182,12 +189,14 @@ def test_two_locks_on_one_dir_exclude_each_other(tmp_path):
     second.release()
 
 
+@pytest.mark.integration
 def test_a_resume_of_a_dir_without_a_resume_point_says_why(conf, tmp_path):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     one_line(run_cli("train", *tiny_overrides(conf, run), "resume=true", cwd=tmp_path), "state.json")
 
 
+@pytest.mark.integration
 def test_aglcl_without_a_command_exits_2():
     proc = subprocess.run([sys.executable, "-m", "aglcl"], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -235,6 +244,7 @@ def test_a_sweep_whose_group_never_finished_still_has_its_row(tmp_path):
     assert rows[1]["op"] == (None, None)
 
 
+@pytest.mark.integration
 def test_the_partial_sweep_shows_in_the_eval_output(tmp_path):
     sweep = _fake_sweep(tmp_path, {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, started=(4,))
     proc = run_cli("eval", f"sweep_dir={sweep}", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from aglcl.data.collate import collate, encode
+from aglcl.data.scoring import GreedyGeneration, LabelLikelihood, label_logprobs
 from aglcl.data.tasks import Task
-from aglcl.engine.scoring import GreedyGeneration, LabelLikelihood, label_logprobs
 from aglcl.models import build_tiny
 
 
@@ -58,7 +58,7 @@ def test_greedy_generation_returns_one_line_per_example(tiny):
 
 
 def test_answer_only_forward_matches_the_library_loss(tiny):
-    from aglcl.engine.loop import lm_forward
+    from aglcl.models.forward import lm_forward
 
     model, tok = tiny
     rows = [encode(tok, "a prompt of some length", " yes", 64), encode(tok, "short", " no way", 64)]

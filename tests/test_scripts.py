@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
 
 
 def test_gpu_check_smoke_prints_every_row(tmp_path):

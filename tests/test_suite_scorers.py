@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aglcl.data.scoring import Generation, GreedyGeneration, extract_answer
 from aglcl.data.tasks import Task
-from aglcl.engine.scoring import Generation, GreedyGeneration, extract_answer
 from aglcl.errors import AglclError
 from aglcl.metrics.scorers import (
     SCORERS,

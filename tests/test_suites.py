@@ -248,6 +248,7 @@ def test_trace_subsampling_and_check_task(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+@pytest.mark.integration
 def test_data_list_and_validate_cli(tmp_path):
     write_trace(tmp_path / "data")
     proc = run_cli("data", "list", f"paths.data_root={tmp_path / 'data'}", cwd=tmp_path)
@@ -258,6 +259,7 @@ def test_data_list_and_validate_cli(tmp_path):
     assert proc.stdout.count(" ok ") == 8
 
 
+@pytest.mark.integration
 def test_missing_data_is_one_line_error(tmp_path):
     proc = run_cli("train", "model=tiny", "sequence=trace", f"paths.data_root={tmp_path / 'nowhere'}",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
@@ -269,13 +271,15 @@ def test_missing_data_is_one_line_error(tmp_path):
 
 
 def test_train_sequence_trace_two_tasks_on_tiny(tmp_path):
+    from aglcl.commands.train import train
+
     write_trace(tmp_path / "data")
     run = tmp_path / "run"
-    proc = run_cli("train", "model=tiny", "sequence=trace", "method=seqft", "attribution=none",
-                   f"paths.data_root={tmp_path / 'data'}", "sequence.order=[C-STANCE,FOMC]", "trainer.max_steps=2",
-                   "trainer.batch_size=4", "trainer.precision=no", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((run / "results.json").read_text())
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", "sequence=trace", "method=seqft", "attribution=none",
+                                          f"paths.data_root={tmp_path / 'data'}", "sequence.order=[C-STANCE,FOMC]",
+                                          "trainer.max_steps=2", "trainer.batch_size=4", "trainer.precision=no"])
+    results = train(cfg, run)
     assert results["tasks"] == ["C-STANCE", "FOMC"] and len(results["R"]) == 2 and len(results["R"][0]) == 2
     assert results["metric"] == {"C-STANCE": "exact_match_strict", "FOMC": "exact_match_strict"}
-    assert (run / "predictions").is_dir()
+    assert (run / "predictions").is_dir() and (run / "R.csv").is_file()

@@ -13,7 +13,7 @@ from aglcl.errors import AglclError
 def _sequence(root, **spec):
     path = write_task_dir(root, "parity", TASKS["parity"])
     task = {"source": {"_target_": "aglcl.data.sources.LocalDir", "path": str(path)}, "template": "{prompt}",
-            "scoring": {"_target_": "aglcl.engine.scoring.LabelLikelihood", "labels": None}, **spec}
+            "scoring": {"_target_": "aglcl.data.scoring.LabelLikelihood", "labels": None}, **spec}
     return OmegaConf.create({"name": "t", "order": ["parity"], "tasks": {"parity": task}})
 
 
@@ -25,7 +25,7 @@ def test_declared_labels_accept_the_data(tmp_path):
 @pytest.mark.parametrize("where", ["labels", "scoring"])
 def test_an_answer_outside_the_label_set_is_refused(tmp_path, where):
     spec = ({"labels": ["even", "uneven"]} if where == "labels" else
-            {"scoring": {"_target_": "aglcl.engine.scoring.LabelLikelihood", "labels": ["even", "uneven"]}})
+            {"scoring": {"_target_": "aglcl.data.scoring.LabelLikelihood", "labels": ["even", "uneven"]}})
     with pytest.raises(AglclError, match=r"task 'parity' train example \d+ has answer 'odd'.*'even', 'uneven'"):
         load_sequence(_sequence(tmp_path, **spec))
 

@@ -30,7 +30,7 @@ states are all-reduced (``mean``: sum and count, accumulated in float64 so that 
 how samples are split; ``max``; ``topk_mean``: all-gather, then the top k again), so every rank ends with the
 same map, equal to the one-process map. With sharded weights (FSDP2 DTensors) every rank runs every
 micro-batch (a micro-batch's gradient only ever exists as reduce-scattered shards) and scores its local shard:
-the result holds rank-local pieces (:func:`aglcl.engine.distributed.local_slices` says where they sit).
+the result holds rank-local pieces (:func:`aglcl.dist.local_slices` says where they sit).
 
 The model comes back as it went in: gradients are ``None`` (before and after), ``requires_grad`` and each
 module's ``training`` flag are restored (the pass runs in eval mode, with only the selected weights requiring
@@ -46,12 +46,12 @@ import warnings
 
 import torch
 
+from aglcl import dist
 from aglcl.attribution.lrp import lrp_rules
 from aglcl.attribution.params import check_groups, select_params
 from aglcl.data.collate import IGNORE, collate
-from aglcl.engine import distributed as dist
-from aglcl.engine.loop import answer_logits
 from aglcl.errors import AglclError, choices
+from aglcl.models.forward import answer_logits
 
 TARGETS = ("predicted_logit", "gold_logprob")
 TRANSFORMS = ("none", "log1p")

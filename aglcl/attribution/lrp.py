@@ -36,7 +36,7 @@ different formula such as Gemma's ``1 + weight`` raises), ``torch.nn.LayerNorm``
 ``gate_proj/up_proj/down_proj/act_fn``, activation modules from ``transformers.activations`` and ``torch.nn``.
 
 We do not use lxt (the AttnLRP reference implementation): lxt 2.1 does not import under transformers 5.x
-(DESIGN.md §7: it imports the removed ``transformers.modeling_attn_mask_utils``; its ``zennit`` dependency
+(docs/design.md, "The gate under AdamW": it imports the removed ``transformers.modeling_attn_mask_utils``; its ``zennit`` dependency
 pulls torchvision, which replaces torch).
 """
 

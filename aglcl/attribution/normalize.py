@@ -2,7 +2,7 @@
 
 Raw importance (``{param_name: tensor}``, non-negative, heavy-tailed) is mapped into [0, 1] per *group*,
 then combined across tasks so that memory stays O(1) in the number of tasks. A method gates updates
-with ``s = 1 - λ·R̄``. Normalisation decides whether that gate does anything (DESIGN.md §7): after
+with ``s = 1 - λ·R̄``. Normalisation decides whether that gate does anything (docs/design.md, "The gate under AdamW"): after
 min-max normalisation of a heavy-tailed map almost every weight keeps ``s > 0.9``; rank normalisation
 spreads the gate uniformly.
 

@@ -13,7 +13,7 @@ Groups (each a list of regexes, matched with ``re.search`` against the parameter
 - ``lora``: PEFT LoRA factors ``lora_A lora_B`` (and their embedding variants).
 
 Under PEFT LoRA a wrapped layer's frozen weight is ``...q_proj.base_layer.weight``. It *is* selected by
-``attn``/``mlp``: importance lives in weight space (DESIGN.md §7: B starts at 0, so |g ⊙ w| on the factors is
+``attn``/``mlp``: importance lives in weight space (docs/design.md, "The gate under AdamW": B starts at 0, so |g ⊙ w| on the factors is
 degenerate at task start). The factors themselves are selected only when ``include`` names ``lora``.
 Biases are never selected.
 """

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from aglcl import dist
 from aglcl.attribution import normalize as norm
 from aglcl.attribution import store
-from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 
 

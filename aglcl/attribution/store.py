@@ -1,6 +1,6 @@
 """Importance maps on disk: safetensors only (never pickle), written atomically.
 
-Layout (DESIGN.md §5)::
+Layout (docs/design.md, "Run-dir contract")::
 
     <run>/importance/task_<k>_<name>.safetensors    per-task map, k = 1..T
     <run>/importance/combined.safetensors           the running map R̄
@@ -18,7 +18,7 @@ Storage dtypes:
   and loads ``q / 255`` as float32, so ``|x - x̂| ≤ 1/510``. Values outside [0, 1] are refused.
 
 float16 is deliberately not offered: raw importances are heavy-tailed and their small values underflow
-to 0 in fp16 (DESIGN.md §7).
+to 0 in fp16 (docs/design.md, "The gate under AdamW").
 
 Sharded maps (FSDP2, large models): every rank writes the piece of each tensor it holds to
 ``<stem>.rank<r>-of-<W>.safetensors`` (same dtypes and metadata) and rank 0 writes ``<file>.index.json``::
@@ -43,8 +43,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from aglcl.attribution.normalize import check_finite
-from aglcl.engine.rundir import atomic_write
 from aglcl.errors import AglclError, choices
+from aglcl.rundir import atomic_write
 
 DTYPES = ("float32", "bfloat16", "uint8")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
@@ -149,7 +149,7 @@ def save_map_sharded(path, maps: dict[str, Tensor], *, layout: dict[str, tuple[t
     ``layout`` maps a sharded tensor's name to ``(global shape, offset of this rank's piece)``; tensors
     not in it are whole (replicated) and written by rank 0 only. Rank 0 then writes the index.
     """
-    from aglcl.engine import distributed as dist
+    from aglcl import dist
 
     rank, world = dist.rank(), dist.world_size()
     mine = {n: t for n, t in maps.items() if n in layout or rank == 0}

@@ -16,12 +16,25 @@ from aglcl.errors import user_errors
 from aglcl.paths import conf_dir
 
 
+def train(cfg, run_dir=None) -> dict:
+    """Run the sequence and write its report files: what ``aglcl train`` does, callable in-process."""
+    from aglcl.engine.runner import run_train
+    from aglcl.report.run import write_run
+
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    results = run_train(cfg, run_dir)
+    write_run(results, run_dir)
+    return results
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 @user_errors
 def main(cfg) -> float:
-    from aglcl.engine import distributed
-    from aglcl.engine.runner import run_train
+    from aglcl.engine import launch
 
-    distributed.export_slurm_env()  # submitit runs this function in each SLURM task: one rank each
-    distributed.quiet_non_main()  # after Hydra's logging setup: ranks > 0 log warnings and errors only
-    return run_train(cfg)["metrics"].get("op")  # the objective a sweeper (e.g. Optuna) maximises
+    launch.export_slurm_env()  # submitit runs this function in each SLURM task: one rank each
+    launch.quiet_non_main()  # after Hydra's logging setup: ranks > 0 log warnings and errors only
+    return train(cfg)["metrics"].get("op")  # the objective a sweeper (e.g. Optuna) maximises

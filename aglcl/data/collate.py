@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from aglcl.models.forward import IGNORE
 
 
 def encode(tokenizer, prompt: str, answer: str, max_length: int) -> dict:

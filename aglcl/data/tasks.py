@@ -32,7 +32,7 @@ SPLITS = ("train", "eval", "test")
 NOT_FIELDS = ("answer", "references", "source")  # example keys a template may not use (or that are no text)
 _SOURCE_KEY = re.compile(r"\btask\.source\b")  # how sources name their options; load_sequence names the task
 _SENTINEL = "\x00aglcl-prompt\x00"
-_SCORERS = "aglcl.engine.scoring.LabelLikelihood, aglcl.engine.scoring.Generation or ...GreedyGeneration"
+_SCORERS = "aglcl.data.scoring.LabelLikelihood, aglcl.data.scoring.Generation or ...GreedyGeneration"
 
 # Built-in chat templates (a user turn, then the assistant's turn opened); any Jinja chat template from a
 # tokenizer_config.json works too. The tokenizer adds BOS itself, and the answer's EOS comes from training.
@@ -208,7 +208,7 @@ def _label_list(value: Any, key: str) -> list[str] | None:
 
 
 def label_set_problem(name: str, labels: list[str] | None, train: list[dict], test: list[dict]) -> str | None:
-    """Why :class:`~aglcl.engine.scoring.LabelLikelihood` could not score task ``name``, or None.
+    """Why :class:`~aglcl.data.scoring.LabelLikelihood` could not score task ``name``, or None.
 
     ``labels`` is the declared set (spec, ``scoring.labels`` or the source's), None when it is inferred
     from the ``train`` answers; refused are an empty label, a single label (always predicted), and an
@@ -227,7 +227,7 @@ def label_set_problem(name: str, labels: list[str] | None, train: list[dict], te
                 f"always predict; declare every label with {key}.labels=[...] or score it with Generation")
     if not labels and len(label_set) > 100 and len(label_set) > len(train) / 2:
         return (f"task '{name}': {len(label_set)} of its {len(train)} train answers are distinct, which looks like "
-                f"free text rather than labels; score it with aglcl.engine.scoring.Generation ({key}.scoring) or "
+                f"free text rather than labels; score it with aglcl.data.scoring.Generation ({key}.scoring) or "
                 f"declare {key}.labels=[...]")
     if not labels:
         missing = sorted({ex["answer"] for ex in test} - set(label_set))
@@ -327,11 +327,11 @@ def _templated(examples: list[dict], template: str, chat_template: str | None, k
 def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> list[Task]:
     """Build the ordered tasks of ``sequence_cfg`` and load their data (errors before any training).
 
-    A :class:`~aglcl.engine.scoring.LabelLikelihood` task without declared labels scores the distinct
+    A :class:`~aglcl.data.scoring.LabelLikelihood` task without declared labels scores the distinct
     answers of its whole train split (caps and ``train_size`` do not shrink the set); that is logged once
     per task, and refused when the set cannot score the test answers (:func:`label_set_problem`).
     """
-    from aglcl.engine.scoring import LabelLikelihood
+    from aglcl.data.scoring import LabelLikelihood
     from aglcl.metrics.scorers import get_scorer
 
     tasks_cfg = sequence_cfg.get("tasks") or {}

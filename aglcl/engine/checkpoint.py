@@ -31,8 +31,7 @@ from pathlib import Path
 
 import torch
 
-from aglcl.engine import distributed as dist
-from aglcl.engine import rundir
+from aglcl import dist, rundir
 from aglcl.errors import AglclError
 
 DIR = "checkpoint"
@@ -274,6 +273,27 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     a, b = comparable(saved), comparable(current)
     return [f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
             for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def plain_config(cfg) -> dict:
+    """The resolved config without ``hydra`` and ``paths``: stored as ``config.json`` and compared on resume.
+
+    Machine paths are not part of a run's identity: every ``${paths.<key>}`` is resolved to the placeholder
+    ``<paths.<key>>``, so a run resumed on another machine (or with its data moved) is not refused for it.
+    """
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    container["paths"] = {k: f"<paths.{k}>" for k in (container.get("paths") or {})}
+    masked = OmegaConf.create(container)
+    out = {}
+    for key in masked:
+        if key == "paths":
+            continue
+        value = masked[key]
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out
 
 
 def write_config(run_dir: Path, config: dict) -> None:

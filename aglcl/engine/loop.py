@@ -13,11 +13,11 @@ import time
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from aglcl.data.collate import IGNORE, collate, encode
-from aglcl.models.compat import accepts
+from aglcl.data.collate import collate, encode
+from aglcl.engine.strategy import DistributedConfig
+from aglcl.models.forward import lm_forward
 
 log = logging.getLogger(__name__)
 
@@ -25,31 +25,6 @@ log = logging.getLogger(__name__)
 def _batches(loader):
     while True:  # cycle over epochs; the loader reshuffles each pass
         yield from loader
-
-
-def answer_logits(model, batch: dict):
-    """``(outputs, logits [B, K, V], gold [B, K])`` at the K positions that predict an answer token.
-
-    Only those positions go through the LM head (``logits_to_keep``) when the model accepts it, which
-    skips most of the vocabulary projection for prompt-heavy tasks; else the full logits are sliced.
-    ``gold`` is -100 where a row has no answer token at that position.
-    """
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if accepts(model, "logits_to_keep"):
-        out = model(**inputs, logits_to_keep=keep)
-        return out, out.logits, targets[:, keep]
-    out = model(**inputs)
-    return out, out.logits[:, :-1][:, keep], targets[:, keep]
-
-
-def lm_forward(model, batch: dict):
-    """Forward pass whose ``.loss`` is the mean cross-entropy on answer tokens (see :func:`answer_logits`)."""
-    out, logits, gold = answer_logits(model, batch)
-    logits = logits.float()
-    out.loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), gold.reshape(-1), ignore_index=IGNORE)
-    return out
 
 
 def _release(accelerator, *objects) -> None:
@@ -68,7 +43,7 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
                engine=None) -> dict:
     """Train on ``encoded`` examples; returns ``{"steps", "loss", "train_s", "tokens_per_s", "skipped_steps"}``.
 
-    ``engine`` (a :class:`~aglcl.engine.distributed.DistributedConfig`, default: accelerate's own) says who
+    ``engine`` (a :class:`~aglcl.engine.strategy.DistributedConfig`, default: accelerate's own) says who
     takes the optimizer steps (:mod:`aglcl.engine.steppers`). Every ``checkpoint_every`` optimizer steps,
     ``save_checkpoint(step, stepper, scheduler, loop_state)`` is called; ``resume_from`` (a directory such
     a call wrote) continues from there: weights, optimizer, scheduler and RNG state are restored and the
@@ -79,10 +54,9 @@ def train_task(model, tokenizer, encoded: list[dict], method, cfg, accelerator, 
     from transformers import get_scheduler
 
     from aglcl.engine import checkpoint
-    from aglcl.engine import distributed as dist
     from aglcl.errors import AglclError
 
-    engine = engine or dist.DistributedConfig()
+    engine = engine or DistributedConfig()
     generator = torch.Generator().manual_seed(cfg.seed + step_offset)
     loader = DataLoader(encoded, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))

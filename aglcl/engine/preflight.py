@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from aglcl.errors import AglclError, UserAbort
+from aglcl.errors import AglclError, UserAbort, hydra_message
 
 
 def _abort(exc: AglclError, prefix: str = "") -> UserAbort:
@@ -50,8 +50,12 @@ class TrainPreflight(Callback):
         from aglcl.engine import ownership
         from aglcl.engine.validate import check_train_config
 
+        from aglcl import dist
+
         try:
             run = check_train_config(config, build=True)
+            if not dist.is_main_process():  # rank 0 owns the run dir (and may hold its lock already)
+                return
             run_dir = Path(config.hydra.run.dir)
             kind = ownership.check_run_dir(run_dir, run.resume, run.overwrite)
         except AglclError as exc:
@@ -60,6 +64,7 @@ class TrainPreflight(Callback):
             ownership.clear(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from aglcl import dist
         from aglcl.engine import ownership
         from aglcl.engine.validate import check_train_config
 
@@ -76,14 +81,12 @@ class TrainPreflight(Callback):
             try:
                 cfg = compose(config_name=config.hydra.job.config_name, overrides=[*search, *overrides])
                 run = check_train_config(cfg, build=True)
-                if per_num:
+                if per_num and dist.is_main_process():
                     ownership.check_run_dir(sweep_dir / str(num), run.resume, run.overwrite,
                                             key="the job dir")
             except AglclError as exc:
                 raise _abort(exc, where) from None
             except Exception as exc:  # a composition error of one job (Hydra's own message)
-                from aglcl.cli import hydra_message
-
                 raise UserAbort(f"{where}{hydra_message(exc)}") from None
 
 

@@ -1,24 +1,37 @@
 """The sequence runner: ``run_train(cfg)`` is what ``aglcl train`` calls (and what tests call).
 
-For each task of ``sequence.order``: train it, evaluate every task (a row of R), let the method
-react (``after_task``), record ``state.json``. The initial model is evaluated first (``b``, for FWT).
-The runner knows no method names: behaviour comes from ``cfg.method`` (``_target_``) and its hooks.
+    results = run_train(cfg, run_dir)      # the content of results.json
+
+:class:`SequenceRun` reads top to bottom, in the spirit of a torchtune recipe::
+
+    setup()                                   check, lock the run dir, build, restore a resume, evaluate b
+    for each task t of sequence.order:
+        train(t)                              the method's hooks around the loop (aglcl.engine.loop)
+        evaluate(t)                           a row of R, predictions saved
+        after_task(t)                         the method reacts; attribution updates the importance map
+        checkpoint(t)                         weights, method state and maps; state.json (the resume point)
+    finish()                                  metrics, results.json, state.json says done
+
+The runner knows no method names: behaviour comes from ``cfg.method`` (``_target_``) and its hooks
+(docs/design.md, "Hook contract"). It writes ``results.json`` and the run's state; the report files (R.csv,
+the heatmap, the printed tables) are :func:`aglcl.report.run.write_run`'s.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
-import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
-from aglcl.engine import checkpoint, ownership, rundir
-from aglcl.engine import distributed as dist
+from aglcl import dist, rundir
+from aglcl.engine import checkpoint, ownership, telemetry
+from aglcl.engine.evaluate import evaluate_all
 from aglcl.engine.loop import encode_split, train_task
+from aglcl.engine.strategy import DistributedConfig
+from aglcl.engine.validate import RunConfig, build, check_train_config
 from aglcl.errors import AglclError, RunInterrupted
 
 log = logging.getLogger("aglcl")
@@ -28,121 +41,311 @@ def _enabled(node) -> bool:
     return node is not None and node.get("_target_") is not None
 
 
-def _reset_peak_mem() -> None:
-    """Start a fresh peak-memory count for this run (multirun jobs share one process)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM, the peak resident set
-    except OSError:
-        pass
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or on CPU the peak resident set since :func:`_reset_peak_mem`."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process-lifetime peak (KiB on Linux)
-
-
-def _versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
-
-    import aglcl
-
-    return {"aglcl": aglcl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
-
-
 def _progress(console):
     """Rich progress bars on a terminal; elsewhere (CI, files, launchers) the loop logs plain lines."""
     import contextlib
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    if not dist.use_progress_bars(console):  # not a terminal, a rank > 0, or a non-basic Hydra launcher
+    from aglcl.engine.launch import use_progress_bars
+
+    if not use_progress_bars(console):  # not a terminal, a rank > 0, or a non-basic Hydra launcher
         return contextlib.nullcontext()
     return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(),
                     console=console)
 
 
-def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_name: str) -> list[float]:
-    """Score every task's test split; write ``predictions/after_<stage>_<stage_name>/<task>.jsonl``."""
-    model.eval()
-    row = []
-    for task in tasks:
-        preds, scores = task.scoring(model, tokenizer, task, task.test, cfg.eval_batch_size, cfg.max_length)
-        records = [{"prompt": ex["prompt"], "reference": ex["answer"], "prediction": p, "score": s}
-                   for ex, p, s in zip(task.test, preds, scores)]
+@dataclass
+class RunState:
+    """What the run has done so far: what ``state.json`` holds, and what a resume restores."""
+
+    names: list[str]
+    R: list[list[float]] = field(default_factory=list)
+    b: list[float] | None = None  # None until the initial evaluation is done
+    stats: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=lambda: {"train_s": {}, "eval_s": 0.0, "attribution_s": {}})
+    task_ckpt: str | None = None  # the last task checkpoint, relative to the run dir
+    step_ckpt: str | None = None  # a mid-task checkpoint to resume from, if any
+    first: int = 0  # the task index this process starts at
+
+    @classmethod
+    def from_saved(cls, names: list[str], saved: dict) -> RunState:
+        return cls(names, R=saved["R"], b=saved["b"], stats=saved["train"], timings=saved["timings"],
+                   task_ckpt=saved.get("checkpoint"), step_ckpt=saved.get("step_checkpoint"),
+                   first=saved["next_task"])
+
+    def to_json(self, next_task: int, step_ckpt: str | None) -> dict:
+        return {"next_task": next_task, "completed": self.names[:next_task], "order": self.names, "R": self.R,
+                "b": self.b, "done": next_task == len(self.names), "checkpoint": self.task_ckpt,
+                "step_checkpoint": step_ckpt, "train": self.stats, "timings": self.timings}
+
+
+class SequenceRun:
+    """One ``aglcl train`` run over ``cfg`` into ``run_dir``. Call :meth:`run`, then :meth:`close`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, run: RunConfig):
+        self.cfg, self.run_dir, self.opts = cfg, Path(run_dir), run
+        self.lock = ownership.RunLock(self.run_dir)
+        self.accelerator = None
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build everything that can fail on user input, then take the run dir, then load the model."""
+        from rich.console import Console
+        from transformers.utils import logging as hf_logging
+
+        from aglcl.data.scoring import check_scoring
+        from aglcl.data.tasks import load_sequence
+
+        cfg, opts = self.cfg, self.opts
+        self.wall = time.perf_counter()
+        telemetry.reset_peak_mem()
+        hf_logging.disable_progress_bar()
+        self.console = Console(stderr=True)
+        self.trainer = build(cfg.trainer, "trainer")
+        self.tasks = load_sequence(cfg.sequence, cfg.get("limit"), opts.data_seed)
+        self.names = [t.name for t in self.tasks]
+        self.method = build(cfg.method, "method")
+        self.attribution = build(cfg.attribution, "attribution") if _enabled(cfg.get("attribution")) else None
+        if self.method.needs_importance and self.attribution is None:
+            raise AglclError(f"method {type(self.method).__name__} needs importance maps; choose an attribution "
+                             f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
+        self.engine = build(cfg.distributed, "distributed") if _enabled(cfg.get("distributed")) else DistributedConfig()
+        self.engine.check(self.method)
+        if opts.stop_after is not None and opts.stop_after > len(self.tasks):
+            raise AglclError(f"stop_after={opts.stop_after} is invalid: the sequence has {len(self.tasks)} tasks")
+        self.every_steps = opts.checkpoint.every_steps or 0
+        self.save_every_task = opts.checkpoint.every_task or self.every_steps > 0
+        config = {**checkpoint.plain_config(cfg), "world_size": dist.world_size()}  # other ranks: another batch
+        self._own_run_dir()
+        saved = (checkpoint.read_state(self.run_dir, self.names, config, force=opts.resume == "force")
+                 if opts.resume else None)
+        self.state = RunState.from_saved(self.names, saved) if saved else RunState(self.names)
+        self._build_model()
+        check_scoring(self.tasks, self.tokenizer, self.trainer.max_length)  # no prompt budget left: refused
+        if saved is None and dist.is_main_process():
+            checkpoint.write_config(self.run_dir, config)
+        if saved is not None:
+            self._restore(config)
+        else:
+            self.write_state(0)  # a resume point before the first evaluation: a kill from here on can be resumed
+        if self.state.b is None:  # a fresh run, or one stopped during its initial evaluation
+            start = time.perf_counter()
+            self.state.b = evaluate_all(self.bare, self.tokenizer, self.tasks, self.trainer, self.run_dir, 0,
+                                        rundir.INITIAL)
+            self.state.timings["eval_s"] += time.perf_counter() - start
+            self.write_state(self.state.first)
+        log.info("%d tasks %s, method %s, run dir %s", len(self.tasks), self.names, type(self.method).__name__,
+                 self.run_dir)
+
+    def _own_run_dir(self) -> None:
+        """Refuse a run dir this run may not write, empty it for ``overwrite=true``, and lock it (rank 0)."""
+        if not dist.is_main_process():
+            return
+        kind = ownership.check_run_dir(self.run_dir, self.opts.resume, self.opts.overwrite)
+        if self.opts.overwrite and kind not in ("absent", "empty"):
+            ownership.clear(self.run_dir, keep=(".hydra", *(p.name for p in self.run_dir.glob("*.log"))))
+        self.lock.acquire()
+
+    def _build_model(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg, trainer = self.cfg, self.trainer
+        set_seed(trainer.seed)
+        model, self.tokenizer = build(cfg.model, "model")
+        if _enabled(cfg.get("peft")):
+            import warnings
+
+            from peft import get_peft_model
+
+            with warnings.catch_warnings():  # peft calls a deprecated transformers helper on every wrap
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                model = get_peft_model(model, build(cfg.peft, "peft", _convert_="all"))
+        self.log_with = cfg.logger.get("log_with")
+        self.accelerator = Accelerator(mixed_precision=trainer.precision, log_with=self.log_with,
+                                       project_dir=cfg.logger.get("logging_dir") or str(self.run_dir),
+                                       cpu=not dist.has_accelerator(),  # CPU-only: gloo under torchrun
+                                       **self.engine.accelerator_kwargs())
+        if trainer.precision == "fp16" and self.accelerator.scaler is None and self.engine.engine != "deepspeed":
+            log.warning("trainer.precision=fp16 has no effect on %s (accelerate runs fp32 there); use "
+                        "trainer.precision=bf16", self.accelerator.device.type)
+        model = self.method.setup(model, len(self.tasks), self.state.first)
+        if self.state.task_ckpt:
+            checkpoint.load_weights(self.run_dir / self.state.task_ckpt, model)
+            checkpoint.load_method(self.run_dir / self.state.task_ckpt, self.method)
+        self.model = self.engine.place_model(model, self.accelerator, trainer.precision)
+        self.bare = self.accelerator.unwrap_model(self.model)  # what hooks, attribution and scoring see
+        if self.log_with:
+            self.accelerator.init_trackers("aglcl")
+        self.encoded = {t.name: encode_split(self.tokenizer, t.train, t.answer_prefix, trainer.max_length)
+                        for t in self.tasks}
+
+    def _restore(self, config: dict) -> None:
+        """Continue a saved run: its timings, its forced config, its importance map; stale temp files go."""
+        state, first = self.state, self.state.first
+        self.wall -= state.timings.get("wall_s", 0.0)  # wall time accumulates over resumes
+        if self.opts.resume == "force" and dist.is_main_process():
+            checkpoint.write_config(self.run_dir, config)  # the forced values are the run's from now on
+        for stale in self.run_dir.rglob(".*.tmp") if dist.is_main_process() else []:  # writes a kill cut short
+            stale.unlink(missing_ok=True)
+        if self.attribution is not None and state.task_ckpt:
+            path = self.run_dir / state.task_ckpt / checkpoint.IMPORTANCE
+            maps = self.attribution.restore(self.run_dir, self.bare, first, path=path)
+            if maps is None:
+                raise AglclError(f"cannot resume: {path} is missing, but attribution is on and {first} task(s) "
+                                 f"are done; was the run made with attribution=none?")
+            self.method.set_importance(maps)
+        where = f"step {state.step_ckpt.rsplit('_', 1)[-1]} of " if state.step_ckpt else "the start of "
+        log.info("resuming %s at %stask %d (%s)", self.run_dir, where, first + 1, self.names[first])
+
+    def write_state(self, next_task: int, step_ckpt: str | None = None) -> None:
+        """Point ``state.json`` at the newest checkpoints, then delete the ones it no longer names."""
+        self.state.timings["wall_s"] = time.perf_counter() - self.wall
+        if not dist.is_main_process():
+            return
+        rundir.write_json(self.run_dir / rundir.STATE, self.state.to_json(next_task, step_ckpt))
+        if self.save_every_task:
+            checkpoint.prune(self.run_dir, [self.state.task_ckpt, step_ckpt])
+
+    # -- one task ---------------------------------------------------------------------------------------
+    def train(self, index: int, progress=None) -> None:
+        from accelerate.utils import set_seed
+
+        task, state = self.tasks[index], self.state
+        set_seed(self.trainer.seed + index)  # per task, so a resumed run draws what an unbroken one would
+        if self.attribution is not None:
+            self.attribution.before_task(self.bare)
+        self.method.before_task(index, task, self.bare)
+        examples = self.method.train_examples(index, task, self.encoded[task.name])
+        resume_from = None
+        if index == state.first and state.step_ckpt:
+            resume_from = self.run_dir / state.step_ckpt
+
+        def save_step(step, stepper, scheduler, loop_state):
+            self.write_state(index, checkpoint.save_step(self.run_dir, index, step, stepper, scheduler, loop_state))
+
+        state.stats[task.name] = train_task(self.model, self.tokenizer, examples, self.method, self.trainer,
+                                            self.accelerator, progress, task=task.name, step_offset=index * 10**6,
+                                            checkpoint_every=self.every_steps, save_checkpoint=save_step,
+                                            resume_from=resume_from, engine=self.engine)
+        state.timings["train_s"][task.name] = state.stats[task.name]["train_s"]
+
+    def evaluate(self, index: int) -> None:
+        start = time.perf_counter()
+        self.state.R.append(evaluate_all(self.bare, self.tokenizer, self.tasks, self.trainer, self.run_dir,
+                                         index + 1, self.names[index]))
+        self.state.timings["eval_s"] += time.perf_counter() - start
+        log.info("after %s: %s", self.names[index],
+                 "  ".join(f"{n} {s:.3f}" for n, s in zip(self.names, self.state.R[-1])))
+
+    def after_task(self, index: int) -> None:
+        task = self.tasks[index]
+        self.method.after_task(index, task, self.bare, self.encoded[task.name])
+        if self.attribution is not None and (index + 1 < len(self.tasks) or self.attribution.after_last):
+            start = time.perf_counter()
+            combined = self.attribution.after_task(index + 1, task.name, self.bare, self.encoded[task.name],
+                                                   self.tokenizer.pad_token_id, self.run_dir)
+            self.state.timings["attribution_s"][task.name] = time.perf_counter() - start
+            self.method.set_importance(combined)
+
+    def checkpoint(self, index: int) -> None:
+        """After task ``index``: a task checkpoint (unless it was the last), then the resume point."""
+        last = index + 1 == len(self.tasks)
+        if self.save_every_task and not last:
+            self.state.task_ckpt = checkpoint.save_task(self.run_dir, index + 1, self.bare, self.method,
+                                                        self.attribution)
+        elif not self.save_every_task:
+            self.state.task_ckpt = None
+        if not last:  # after the last task, "done" is written only once the results are
+            self.write_state(index + 1)
+
+    # -- the whole run ----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.setup()
+        stop = self.opts.stop_after
+        with _progress(self.console) as progress:
+            for index in range(self.state.first, len(self.tasks)):
+                self.train(index, progress)
+                self.evaluate(index)
+                self.after_task(index)
+                self.checkpoint(index)
+                if stop and stop <= index + 1 < len(self.tasks):
+                    log.info("stop_after=%d: stopping; continue with resume=true", stop)
+                    s = self.state
+                    return {"tasks": self.names, "R": s.R, "b": s.b, "metrics": {}, "stopped_after": index + 1}
+        return self.finish()
+
+    def finish(self) -> dict:
+        """The metrics; ``results.json`` written, then ``state.json`` marked done."""
+        from aglcl.metrics.cl import compute_all
+
+        state, method = self.state, self.method
+        metrics = compute_all(state.R, state.b, diagonal_only=method.diagonal_only)
+        state.timings["wall_s"] = time.perf_counter() - self.wall
+        state.timings["peak_mem_mb"] = telemetry.peak_mem_mb(self.accelerator.device)
+        results = {
+            "tasks": self.names,
+            "metric": {t.name: t.metric for t in self.tasks},
+            "R": state.R,
+            "b": state.b,
+            "metrics": metrics,
+            "train": state.stats,
+            "timings": state.timings,
+            "method": self.cfg.method.get("_target_"),
+            "seed": self.trainer.seed,
+            "tags": list(self.opts.tags),
+            "diagonal_only": method.diagonal_only,  # separate single-task models: only plasticity is meaningful
+            "versions": telemetry.versions(),
+        }
         if dist.is_main_process():
-            rundir.write_predictions(run_dir, stage, stage_name, task.name, records)
-        row.append(sum(scores) / max(len(scores), 1))
-    model.train()
-    return row
+            rundir.write_json(self.run_dir / rundir.RESULTS, results)
+        self.write_state(len(self.tasks))
+        if self.log_with:
+            self.accelerator.log({f"metrics/{k}": v for k, v in metrics.items() if v is not None})
+            self.accelerator.end_training()
+        return results
 
+    def close(self) -> None:
+        """Release the run dir and the accelerator (multirun jobs share this process)."""
+        from accelerate.state import AcceleratorState
 
-def _plain_config(cfg: DictConfig) -> dict:
-    """The resolved config without ``hydra`` and ``paths``: stored as ``config.json`` and compared on resume.
-
-    Machine paths are not part of a run's identity: every ``${paths.<key>}`` is resolved to the placeholder
-    ``<paths.<key>>``, so a run resumed on another machine (or with its data moved) is not refused for it.
-    """
-    from omegaconf import OmegaConf
-
-    container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("hydra", None)
-    container["paths"] = {k: f"<paths.{k}>" for k in (container.get("paths") or {})}
-    masked = OmegaConf.create(container)
-    out = {}
-    for key in masked:
-        if key == "paths":
-            continue
-        value = masked[key]
-        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return out
+        self.lock.release()
+        self.model = self.bare = self.accelerator = None
+        AcceleratorState._reset_state(True)  # each job builds its own Accelerator
 
 
 def run_train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """Run the whole sequence; returns the content of ``results.json``.
+    """Run the whole sequence; returns the content of ``results.json`` (without writing the report files).
 
     The config is checked whole before anything is loaded (:mod:`aglcl.engine.validate`), and the run dir is
     held under an exclusive lock (:mod:`aglcl.engine.ownership`) for the whole run. Ctrl-C stops at once and
     raises :class:`aglcl.errors.RunInterrupted`, naming the checkpoint a ``resume=true`` continues from.
     """
-    from aglcl.engine.validate import check_train_config
-
     run = check_train_config(cfg)
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
-    run_dir = Path(run_dir)
-    lock = ownership.RunLock(run_dir)
+    recipe = SequenceRun(cfg, Path(run_dir), run)
     try:
-        return _run_train(cfg, run_dir, run, lock)
+        return recipe.run()
     except KeyboardInterrupt:
-        raise RunInterrupted(_interrupted_message(run_dir)) from None
+        raise RunInterrupted(interrupted_message(Path(run_dir))) from None
     finally:
-        lock.release()
+        recipe.close()
 
 
-def _interrupted_message(run_dir: Path) -> str:
+def interrupted_message(run_dir: Path) -> str:
     """One line after Ctrl-C: what the run dir keeps, and the command that continues it."""
     import json
 
     try:
         state = json.loads((run_dir / rundir.STATE).read_text())
     except (OSError, ValueError):
-        return f"interrupted before the run wrote a resume point; start it again (with overwrite=true, hydra.run.dir={run_dir})"
+        return (f"interrupted before the run wrote a resume point; start it again (with overwrite=true, "
+                f"hydra.run.dir={run_dir})")
     done, step = state.get("next_task", 0), state.get("step_checkpoint")
     where = (f"step {step.rsplit('_', 1)[-1]} of task {done + 1}" if step else
              f"the end of task {done}" if done else "the start of task 1" if state.get("b") is not None
@@ -150,202 +353,5 @@ def _interrupted_message(run_dir: Path) -> str:
     if done and not step and not state.get("checkpoint"):
         return (f"interrupted; {run_dir} keeps no checkpoint (checkpoint.every_task=false), so the run cannot be "
                 f"resumed; start it again with overwrite=true")
-    return f"interrupted; {run_dir} keeps its checkpoint at {where}: continue with the same command and resume=true hydra.run.dir={run_dir}"
-
-
-def _run_train(cfg: DictConfig, run_dir: Path, run, lock) -> dict:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
-    from hydra.utils import instantiate
-    from rich.console import Console
-    from transformers.utils import logging as hf_logging
-
-    from aglcl.data.tasks import load_sequence
-    from aglcl.engine.scoring import check_scoring
-    from aglcl.metrics.cl import compute_all
-    from aglcl.report.matrix import write_matrix_csv
-    from aglcl.report.plots import plot_heatmap
-    from aglcl.report.tables import matrix_table, metrics_table
-
-    wall = time.perf_counter()
-    _reset_peak_mem()
-    hf_logging.disable_progress_bar()
-    console = Console(stderr=True)
-
-    # Everything that can fail on user input is built before the first write.
-    trainer = instantiate(cfg.trainer)
-    tasks = load_sequence(cfg.sequence, cfg.get("limit"), run.data_seed)
-    names = [t.name for t in tasks]
-    method = instantiate(cfg.method)
-    attribution = instantiate(cfg.attribution) if _enabled(cfg.get("attribution")) else None
-    if getattr(method, "needs_importance", False) and attribution is None:
-        raise AglclError(f"method {type(method).__name__} needs importance maps; choose an attribution "
-                         f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
-    engine = instantiate(cfg.distributed) if _enabled(cfg.get("distributed")) else dist.DistributedConfig()
-    every_steps = run.checkpoint.every_steps or 0
-    engine.check(method)
-    save_every_task = run.checkpoint.every_task or every_steps > 0
-    resume = run.resume
-    if run.stop_after is not None and run.stop_after > len(tasks):
-        raise AglclError(f"stop_after={run.stop_after} is invalid: the sequence has {len(tasks)} tasks")
-    config = {**_plain_config(cfg), "world_size": dist.world_size()}  # a resume on other ranks changes the batch
-    if dist.is_main_process():  # the run dir's owner, before anything is written into it
-        kind = ownership.check_run_dir(run_dir, resume, run.overwrite)
-        if run.overwrite and kind not in ("absent", "empty"):
-            ownership.clear(run_dir, keep=(".hydra", *(p.name for p in run_dir.glob("*.log"))))
-        lock.acquire()
-    state = checkpoint.read_state(run_dir, names, config, force=resume == "force") if resume else None
-    first = state["next_task"] if state is not None else 0
-    set_seed(trainer.seed)
-    model, tokenizer = instantiate(cfg.model)
-    check_scoring(tasks, tokenizer, trainer.max_length)  # a label that leaves no prompt budget: refused now
-    if _enabled(cfg.get("peft")):
-        import warnings
-
-        from peft import get_peft_model
-
-        with warnings.catch_warnings():  # peft calls a deprecated transformers helper on every wrap
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = get_peft_model(model, instantiate(cfg.peft, _convert_="all"))
-    log_with = cfg.logger.get("log_with")
-    accelerator = Accelerator(mixed_precision=trainer.precision, log_with=log_with,
-                              project_dir=cfg.logger.get("logging_dir") or str(run_dir),
-                              cpu=not dist.has_accelerator(),  # CPU-only: MULTI_CPU (gloo) under torchrun, not 1 process
-                              **engine.accelerator_kwargs())
-    if trainer.precision == "fp16" and accelerator.scaler is None and engine.engine != "deepspeed":
-        log.warning("trainer.precision=fp16 has no effect on %s (accelerate runs fp32 there); use "
-                    "trainer.precision=bf16", accelerator.device.type)
-    model = method.setup(model, len(tasks), first)
-    task_ckpt = state.get("checkpoint") if state is not None else None
-    if isinstance(task_ckpt, str):
-        checkpoint.load_weights(run_dir / task_ckpt, model)
-        checkpoint.load_method(run_dir / task_ckpt, method)
-    model = engine.place_model(model, accelerator, trainer.precision)
-    if log_with:
-        accelerator.init_trackers("aglcl")
-    encoded = {t.name: encode_split(tokenizer, t.train, t.answer_prefix, trainer.max_length) for t in tasks}
-    stop_after = run.stop_after
-
-    bare = accelerator.unwrap_model(model)  # hooks and scoring see parameter names without DDP's ``module.``
-    if state is None:
-        R, b, stats = [], None, {}
-        timings: dict = {"train_s": {}, "eval_s": 0.0, "attribution_s": {}}
-        if dist.is_main_process():
-            checkpoint.write_config(run_dir, config)
-    else:
-        R, b, stats, timings = state["R"], state["b"], state["train"], state["timings"]
-        wall -= timings.get("wall_s", 0.0)  # wall time accumulates over resumes
-        if resume == "force" and dist.is_main_process():
-            checkpoint.write_config(run_dir, config)  # the forced values are the run's from now on
-        for stale in run_dir.rglob(".*.tmp") if dist.is_main_process() else []:  # writes a kill interrupted
-            stale.unlink(missing_ok=True)
-        if attribution is not None and isinstance(task_ckpt, str):
-            path = run_dir / task_ckpt / checkpoint.IMPORTANCE
-            maps = attribution.restore(run_dir, model, first, path=path)
-            if maps is None:
-                raise AglclError(f"cannot resume: {path} is missing, but attribution is on and {first} task(s) "
-                                 f"are done; was the run made with attribution=none?")
-            method.set_importance(maps)
-        where = f"step {state['step_checkpoint'].rsplit('_', 1)[-1]} of " if state.get("step_checkpoint") else "the start of "
-        log.info("resuming %s at %stask %d (%s)", run_dir, where, first + 1, names[first])
-
-    def write_state(next_task: int, step_ckpt: str | None = None) -> None:
-        """Point ``state.json`` at the newest checkpoints, then delete the ones it no longer names."""
-        timings["wall_s"] = time.perf_counter() - wall
-        if not dist.is_main_process():
-            return
-        rundir.write_json(run_dir / rundir.STATE, {
-            "next_task": next_task, "completed": names[:next_task], "order": names, "R": R, "b": b,
-            "done": next_task == len(tasks), "checkpoint": task_ckpt, "step_checkpoint": step_ckpt,
-            "train": stats, "timings": timings})
-        if save_every_task:
-            checkpoint.prune(run_dir, [task_ckpt, step_ckpt])
-
-    if state is None:
-        write_state(0)  # a resume point before the first evaluation: a kill from here on can be resumed
-    if b is None:  # a fresh run, or one stopped during its initial evaluation
-        start = time.perf_counter()
-        b = evaluate_all(bare, tokenizer, tasks, trainer, run_dir, 0, rundir.INITIAL)
-        timings["eval_s"] += time.perf_counter() - start
-        write_state(first)
-    log.info("%d tasks %s, method %s, run dir %s", len(tasks), names, type(method).__name__, run_dir)
-
-    with _progress(console) as progress:
-        for index in range(first, len(tasks)):
-            task = tasks[index]
-            set_seed(trainer.seed + index)  # per task, so a resumed run draws what an unbroken one would
-            if attribution is not None:
-                attribution.before_task(model)
-            method.before_task(index, task, bare)
-            examples = method.train_examples(index, task, encoded[task.name])
-            resume_from = None
-            if state is not None and index == first and state.get("step_checkpoint"):
-                resume_from = run_dir / state["step_checkpoint"]
-
-            def save_step(step, stepper, scheduler, loop_state, index=index):
-                rel = checkpoint.save_step(run_dir, index, step, stepper, scheduler, loop_state)
-                write_state(index, rel)
-
-            stats[task.name] = train_task(model, tokenizer, examples, method, trainer, accelerator,
-                                          progress, task=task.name, step_offset=index * 10**6,
-                                          checkpoint_every=every_steps, save_checkpoint=save_step,
-                                          resume_from=resume_from, engine=engine)
-            timings["train_s"][task.name] = stats[task.name]["train_s"]
-            start = time.perf_counter()
-            R.append(evaluate_all(bare, tokenizer, tasks, trainer, run_dir, index + 1, task.name))
-            timings["eval_s"] += time.perf_counter() - start
-            method.after_task(index, task, bare, encoded[task.name])
-            if attribution is not None and (index + 1 < len(tasks) or attribution.after_last):
-                start = time.perf_counter()
-                combined = attribution.after_task(index + 1, task.name, model, encoded[task.name],
-                                                  tokenizer.pad_token_id, run_dir)
-                timings["attribution_s"][task.name] = time.perf_counter() - start
-                method.set_importance(combined)
-            if save_every_task and index + 1 < len(tasks):
-                task_ckpt = checkpoint.save_task(run_dir, index + 1, bare, method, attribution)
-            elif not save_every_task:
-                task_ckpt = None
-            if index + 1 < len(tasks):  # after the last task, "done" is written only once the results are
-                write_state(index + 1)
-            log.info("after %s: %s", task.name, "  ".join(f"{n} {s:.3f}" for n, s in zip(names, R[-1])))
-            if stop_after and index + 1 >= stop_after and index + 1 < len(tasks):
-                log.info("stop_after=%d: stopping; continue with resume=true", stop_after)
-                AcceleratorState._reset_state(True)
-                return {"tasks": names, "R": R, "b": b, "metrics": {}, "stopped_after": index + 1}
-
-    diagonal_only = bool(getattr(method, "diagonal_only", False))
-    metrics = compute_all(R, b, diagonal_only=diagonal_only)
-    timings["wall_s"] = time.perf_counter() - wall
-    timings["peak_mem_mb"] = _peak_mem_mb(accelerator.device)
-    results = {
-        "tasks": names,
-        "metric": {t.name: t.metric for t in tasks},
-        "R": R,
-        "b": b,
-        "metrics": metrics,
-        "train": stats,
-        "timings": timings,
-        "method": cfg.method.get("_target_"),
-        "seed": trainer.seed,
-        "tags": list(cfg.get("tags") or []),
-        "diagonal_only": diagonal_only,  # rows are separate single-task models: only plasticity is meaningful
-        "versions": _versions(),
-    }
-    if dist.is_main_process():
-        write_matrix_csv(run_dir / rundir.R_CSV, names, R)
-        plot_heatmap(names, R, run_dir / rundir.HEATMAP, title=f"R ({results['method']}, seed {trainer.seed})")
-        rundir.write_json(run_dir / rundir.RESULTS, results)
-    write_state(len(tasks))
-    if dist.is_main_process():
-        console.print(matrix_table(names, R, b))
-        console.print(metrics_table(metrics))
-    if diagonal_only and dist.is_main_process():
-        console.print(f"{type(method).__name__} is a single-task reference: only R's diagonal (plasticity) is "
-                      "meaningful; the other metrics are left empty.")
-    if log_with:
-        accelerator.log({f"metrics/{k}": v for k, v in metrics.items() if v is not None})
-        accelerator.end_training()
-    del model, accelerator
-    AcceleratorState._reset_state(True)  # multirun jobs share this process; each builds its own Accelerator
-    return results
+    return (f"interrupted; {run_dir} keeps its checkpoint at {where}: continue with the same command and "
+            f"resume=true hydra.run.dir={run_dir}")

@@ -4,7 +4,7 @@
     aglcl train distributed=deepspeed_zero2   # DeepSpeedStepper: one ZeRO engine per task
 
 :func:`aglcl.engine.loop.train_task` gets one stepper per task from :meth:`DistributedConfig.stepper
-<aglcl.engine.distributed.DistributedConfig.stepper>` and drives it the same way whatever the engine::
+<aglcl.engine.strategy.DistributedConfig.stepper>` and drives it the same way whatever the engine::
 
     for each micro-batch:  with stepper.micro(sync): loss = ...; stepper.backward(loss)
     applied = stepper.step(method, step_loss)            # False: non-finite, nothing applied
@@ -20,8 +20,8 @@ import logging
 
 import torch
 
+from aglcl import dist
 from aglcl.engine import checkpoint
-from aglcl.engine import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class DeepSpeedStepper:
         self.optimizer = optimizer  # the client AdamW: what the scheduler drives and step hooks see
         self.model = self.engine  # forward through the engine: ZeRO-3 counts micro-steps there (accumulation)
         self.scaler = None
+        self.method, self._before_pending = method, False
         method.attach_optimizer(self.engine_optimizer)
         self._hooks = [optimizer.register_step_pre_hook(self._clip)] if cfg.max_grad_norm else []
+        self._hooks.append(optimizer.register_step_pre_hook(self._before_step))  # after the gate and the clip
 
     def micro(self, sync: bool):
         self.engine.set_gradient_accumulation_boundary(sync)
@@ -139,9 +141,25 @@ class DeepSpeedStepper:
         for g in grads:
             g.mul_(coef.to(g.dtype))
 
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """``method.before_step`` once per step, inside the engine's step, after the gate and the clip (the
+        engine may step its client optimizer once per sub-group: only the first call counts)."""
+        if self._before_pending:
+            self._before_pending = False
+            self.method.before_step(self.bare, self.optimizer)
+
     def step(self, method, step_loss: torch.Tensor) -> bool:
+        """The hook contract under DeepSpeed: ``after_backward`` before the engine's step (gradients are
+        reduced into its partitions; ``.grad`` is not populated, so methods that read it are refused),
+        ``before_step`` inside it, ``after_step`` after it when the step was applied."""
+        method.after_backward(self.bare)
+        self._before_pending = True
         self.engine.step()
-        return bool(self.engine.was_step_applied())
+        self._before_pending = False
+        applied = bool(self.engine.was_step_applied())
+        if applied:
+            method.after_step(self.bare, self.optimizer)
+        return applied
 
     TAG = "engine"  # DeepSpeed's checkpoint tag inside a step checkpoint directory
 

@@ -270,24 +270,34 @@ def run_config(cfg: DictConfig, num_tasks: int | None = None) -> RunConfig:
 BUILT = ("trainer", "method", "attribution", "distributed")
 
 
-def build_cheap(cfg: DictConfig) -> None:
-    """Instantiate (and drop) the :data:`BUILT` groups, so their ``__init__`` checks (``lr > 0``, a mode's
-    choices) run before anything is written. Errors become one line naming the group."""
+def build(node, key: str, **kwargs):
+    """``hydra.utils.instantiate(node)``, with a user error raised by the target (e.g. its range check)
+    re-raised as itself rather than wrapped in Hydra's ``InstantiationException``."""
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:
+        cause = exc
+        while cause is not None and not isinstance(cause, AglclError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def build_cheap(cfg: DictConfig) -> None:
+    """Instantiate (and drop) the :data:`BUILT` groups, so their ``__init__`` checks (``lr > 0``, a mode's
+    choices) run before anything is written."""
     for group in BUILT:
         node = cfg.get(group)
-        if not (isinstance(node, DictConfig) and node.get("_target_")):
-            continue
-        try:
-            instantiate(node)
-        except Exception as exc:
-            cause = exc
-            while cause is not None and not isinstance(cause, AglclError):
-                cause = cause.__cause__
-            if cause is not None:
-                raise cause from None
-            raise AglclError(f"{group}: {exc}") from None
+        if isinstance(node, DictConfig) and node.get("_target_"):
+            try:
+                build(node, group)
+            except AglclError:
+                raise
+            except Exception as exc:
+                raise AglclError(f"{group}: {exc}") from None
 
 
 def check_train_config(cfg: DictConfig, build: bool = False) -> RunConfig:

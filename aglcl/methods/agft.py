@@ -35,8 +35,7 @@ import math
 
 import torch
 
-from aglcl.engine import distributed as dist
-from aglcl.engine import zero
+from aglcl import dist, zero
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
 from aglcl.methods.lora_gate import install_gate, lora_layers, merge_and_reset
@@ -48,7 +47,6 @@ CONTROLS = (None, "permuted", "uniform")
 class AGFT(Method):
     """Scale the updates of weights that mattered for earlier tasks by ``s = 1 − λ·R̄``."""
 
-    name = "agft"
     needs_importance = True
 
     def __init__(self, lam: float = 1.0, mode: str = "update", threshold: float | None = None,
@@ -75,7 +73,7 @@ class AGFT(Method):
     def set_importance(self, maps: dict[str, torch.Tensor]) -> None:
         """Receive the combined map R̄ (values in [0, 1]) after a task; gates are built at the next task.
 
-        Controls for claims about the estimator (DESIGN.md §7): ``permuted`` shuffles R̄ within each
+        Controls for claims about the estimator (docs/design.md, "The gate under AdamW"): ``permuted`` shuffles R̄ within each
         tensor (same gate distribution, wrong weights); ``uniform`` replaces R̄ by its per-tensor mean
         (the same average shrinkage of the step, i.e. seqft with lr × mean gate, per tensor and task).
         """
@@ -150,7 +148,7 @@ class AGFT(Method):
 
         The engine calls the client optimizer's ``step()`` on one flat fp32 partition per parameter
         group (or ZeRO-3 sub-group); the per-parameter gates are laid out on those
-        partitions (:func:`aglcl.engine.distributed.deepspeed_partitions`) and applied by step hooks:
+        partitions (:func:`aglcl.dist.deepspeed_partitions`) and applied by step hooks:
         grad mode scales the partition's gradient before the step, update mode shrinks the step after
         it. Elsewhere a no-op: the regular hooks run.
         """

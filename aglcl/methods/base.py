@@ -23,15 +23,33 @@ from __future__ import annotations
 
 from typing import Any
 
+# The hooks, in the order a run calls them (docs/design.md, "Hook contract").
+HOOKS = ("setup", "before_task", "train_examples", "attach_optimizer", "loss", "after_backward", "before_step",
+         "after_step", "after_task", "set_importance")
+
+# Capability flags the runner and the engines read, and how Compose combines its methods' values.
+FLAGS = {
+    "needs_importance": any,  # set_importance needs maps: an attribution estimator is required
+    "diagonal_only": any,  # each stage is a separate model (method=single): only R's diagonal is meaningful
+    "supports_sharded": all,  # False: whole-tensor state; refused under distributed=fsdp2 and ZeRO-3
+    "supports_zero3": all,  # False: reads the weights outside the forward (ZeRO-3 empties them there)
+    "reads_grads": any,  # after_backward reads or edits .grad: refused under DeepSpeed (grads live in its partitions)
+}
+
 
 class Method:
     """No-op hooks (sequential fine-tuning). Subclass and override what your method needs."""
 
-    name = "method"
     num_tasks: int | None = None  # set by setup()
-    supports_sharded = True  # False: keeps whole-tensor state, refused under distributed=fsdp2 and ZeRO-3
-    supports_zero3 = True  # False: reads the weights outside the forward (ZeRO-3 empties them there)
-    reads_grads = False  # True: after_backward edits parameters' .grad (refused under DeepSpeed, which keeps them)
+    needs_importance = False
+    diagonal_only = False
+    supports_sharded = True
+    supports_zero3 = True
+    reads_grads = False
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this method does something in ``hook`` (a name of :data:`HOOKS`)."""
+        return getattr(type(self), hook) is not getattr(Method, hook)
 
     def setup(self, model: Any, num_tasks: int, first: int) -> Any:
         """Called once before training; returns the model to train (e.g. with adapters added).

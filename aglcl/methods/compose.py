@@ -12,13 +12,12 @@ State is namespaced: ``<name>.<key>`` in ``checkpoint/method.safetensors``.
 from __future__ import annotations
 
 from aglcl.errors import AglclError
-from aglcl.methods.base import Method
+from aglcl.methods.base import FLAGS, Method
 
 
 class Compose(Method):
     """Run the hooks of ``methods`` (``{name: Method}``, instantiated by Hydra) in order."""
 
-    name = "compose"
 
     def __init__(self, methods: dict):
         if not methods:
@@ -28,10 +27,11 @@ class Compose(Method):
                 raise AglclError(f"method.methods.{key} is not a method (got {type(method).__name__}); "
                                  f"give a _target_ from aglcl.methods")
         self.methods = dict(methods)
-        self.needs_importance = any(getattr(m, "needs_importance", False) for m in self.methods.values())
-        self.supports_sharded = all(getattr(m, "supports_sharded", True) for m in self.methods.values())
-        self.supports_zero3 = all(getattr(m, "supports_zero3", True) for m in self.methods.values())
-        self.reads_grads = any(getattr(m, "reads_grads", False) for m in self.methods.values())
+        for flag, combine in FLAGS.items():  # every capability flag, combined over the methods
+            setattr(self, flag, combine(getattr(m, flag) for m in self.methods.values()))
+
+    def overrides(self, hook: str) -> bool:
+        return any(m.overrides(hook) for m in self.methods.values())
 
     def setup(self, model, num_tasks, first):
         model = super().setup(model, num_tasks, first)

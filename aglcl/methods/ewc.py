@@ -30,8 +30,8 @@ import re
 
 import torch
 
+from aglcl import dist
 from aglcl.attribution.estimators import Fisher
-from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError, choices
 from aglcl.methods.base import Method
 
@@ -41,7 +41,6 @@ MODES = ("separate", "online")
 class EWC(Method):
     """Quadratic penalty anchoring Fisher-important weights to their values after earlier tasks."""
 
-    name = "ewc"
     supports_zero3 = False  # the penalty reads the weights outside the forward
 
     def __init__(self, lam: float = 400.0, mode: str = "separate", gamma: float = 1.0, num_samples: int = 32,

@@ -27,7 +27,6 @@ _BLOCK = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 class Freeze(Method):
     """Set ``requires_grad`` False on chosen blocks / name patterns from task ``from_task`` on."""
 
-    name = "freeze"
 
     def __init__(self, layers=(0, 6), patterns=(), from_task: int = 1):
         layers = None if layers is None else list(layers)

@@ -22,7 +22,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from aglcl.engine import distributed as dist
+from aglcl import dist
 
 SUFFIX = ".base_layer.weight"
 

@@ -9,7 +9,7 @@ task, eval mode, ``requires_grad`` False) is kept. Each micro-batch's loss becom
     L = L_task + α·T²·mean_t KL(softmax(z_teacher,t / T) || softmax(z_student,t / T))
 
 over the answer positions t (those whose next token is an answer token, exactly the positions
-:func:`aglcl.engine.loop.lm_forward` keeps with ``logits_to_keep``). The teacher runs the model's own forward
+:func:`aglcl.models.forward.lm_forward` keeps with ``logits_to_keep``). The teacher runs the model's own forward
 under the same accelerate autocast wrapper as the student (or in the weights' dtype if that wrapper cannot be
 re-bound to the copy). Memory: one extra copy of the model on its device while a task trains (freed at
 ``after_task``); compute: one extra no-grad forward per micro-batch.
@@ -23,11 +23,11 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from aglcl import dist
 from aglcl.data.collate import IGNORE
-from aglcl.engine import distributed as dist
-from aglcl.engine import loop
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
+from aglcl.models.forward import answer_logits as _answer_logits
 
 
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float):
@@ -54,15 +54,14 @@ def frozen_copy(model):
 
 def answer_logits(model, batch: dict):
     """Logits at the answer-predicting positions ``[B, K, V]`` and their mask ``[B, K]``, as ``lm_forward``
-    selects them (:func:`aglcl.engine.loop.answer_logits`)."""
-    _, logits, gold = loop.answer_logits(model, batch)
+    selects them (:func:`aglcl.models.forward.answer_logits`)."""
+    _, logits, gold = _answer_logits(model, batch)
     return logits, gold != IGNORE
 
 
 class LwF(Method):
     """Distil the previous model's answer distribution into the current one."""
 
-    name = "lwf"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, temperature: float = 2.0, alpha: float = 1.0):

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from aglcl import dist
 from aglcl.attribution.params import select_params
-from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 
@@ -74,7 +74,6 @@ def _targets(model) -> list[tuple[str, torch.nn.Module, list[tuple[torch.nn.Para
 class MIGU(Method):
     """Update only the output units of each linear layer whose output magnitude is in the top (1 − quantile)."""
 
-    name = "migu"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
     reads_grads = True  # masks gradient rows in after_backward
 

@@ -19,7 +19,6 @@ from aglcl.methods.replay import pack_examples, unpack_examples
 class MultiTask(Method):
     """Train on the concatenation of all earlier tasks' examples plus the current task's."""
 
-    name = "multitask"
 
     def __init__(self):
         self.seen: list[dict] = []

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from aglcl.engine import distributed as dist
+from aglcl import dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 
@@ -59,7 +59,6 @@ def orthogonality(old: Sequence[torch.Tensor], new: torch.Tensor) -> torch.Tenso
 class OLoRA(Method):
     """One LoRA adapter per task, kept orthogonal (in A) to the frozen adapters of earlier tasks."""
 
-    name = "olora"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, r: int = 8, alpha: float = 32.0, dropout: float = 0.1, target_modules=("q_proj", "v_proj"),

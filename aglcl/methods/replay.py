@@ -52,7 +52,6 @@ def unpack_examples(state: dict, prefix: str = "buffer.") -> list[dict]:
 class Replay(Method):
     """Train each task on its examples plus examples kept from earlier tasks."""
 
-    name = "replay"
 
     def __init__(self, fraction: float = 0.1, ratio: float | None = None, seed: int = 0):
         if not 0.0 <= fraction <= 1.0:

@@ -54,8 +54,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from aglcl import dist
 from aglcl.data.collate import IGNORE, collate
-from aglcl.engine import distributed as dist
 from aglcl.errors import AglclError
 from aglcl.methods.base import Method
 from aglcl.methods.lwf import distill_kl, frozen_copy
@@ -87,7 +87,7 @@ def eager_attention(model):
 
 
 def _answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is an answer token in some row (what ``loop.answer_logits`` keeps)."""
+    """Positions whose next token is an answer token in some row (what ``aglcl.models.forward.answer_logits`` keeps)."""
     return (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)
 
 
@@ -180,7 +180,6 @@ def head_scores(model, teacher, examples: list[dict], pad_id: int) -> torch.Tens
 class SEEKR(Method):
     """Replay with logit and selected-head attention distillation from the previous model."""
 
-    name = "seekr"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
 
     def __init__(self, fraction: float = 0.01, ratio: float | None = None, logits_weight: float = 0.5,

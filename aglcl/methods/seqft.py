@@ -9,4 +9,3 @@ from aglcl.methods.base import Method
 class SeqFT(Method):
     """Every hook is the base no-op."""
 
-    name = "seqft"

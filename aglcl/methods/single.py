@@ -22,7 +22,6 @@ from aglcl.methods.base import Method
 class Single(Method):
     """Restore the initial trainable weights before each task."""
 
-    name = "single"
     supports_sharded = False  # whole-tensor state or hooks (not shard-aware yet)
     diagonal_only = True  # the runner reports only plasticity (mean of R's diagonal) for it
 

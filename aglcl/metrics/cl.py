@@ -1,4 +1,4 @@
-"""Continual-learning metrics: pure functions of the accuracy matrix (DESIGN.md section 6).
+"""Continual-learning metrics: pure functions of the accuracy matrix (docs/design.md, "Metric definitions").
 
 ``R`` is T x T (list of lists or numpy array): ``R[t][i]`` is the score on task i after training
 task t. The formulas below number tasks 1..T; the code indexes from 0. Cells may be ``None`` or NaN

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from aglcl.engine import rundir
+from aglcl import rundir
 from aglcl.errors import AglclError
 from aglcl.metrics.cl import compute_all
 from aglcl.metrics.scorers import get_scorer

@@ -1,4 +1,4 @@
-"""Read and write the accuracy matrix: ``R.csv`` and ``results.json`` layouts (DESIGN.md section 5).
+"""Read and write the accuracy matrix: ``R.csv`` and ``results.json`` layouts (docs/design.md, "Run-dir contract").
 
 CSV: header ``after,<task 1>,...,<task T>`` (the header's order is the training order), then one row
 per training stage whose first cell names the task just trained, or its stage number 1..T; rows may
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from aglcl.engine.rundir import atomic_write
 from aglcl.errors import AglclError, choices
+from aglcl.rundir import atomic_write
 
 _B_LABELS = ("initial", "b")
 _EXTENSIONS = (".csv", ".json")

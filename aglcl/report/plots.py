@@ -54,7 +54,7 @@ def save_figure(fig, path) -> Path:
     """Render ``fig`` as PNG and write it atomically (a crash never leaves half a picture)."""
     import io
 
-    from aglcl.engine.rundir import atomic_write
+    from aglcl.rundir import atomic_write
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

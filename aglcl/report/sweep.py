@@ -148,7 +148,7 @@ def write_sweep_csv(rows, path) -> Path:
     """Write ``overrides,n,<metric>_mean,<metric>_std,...`` (empty cells where unavailable)."""
     import io
 
-    from aglcl.engine.rundir import atomic_write
+    from aglcl.rundir import atomic_write
 
     keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("overrides", "n", "complete")))
     path = Path(path)

@@ -1,4 +1,4 @@
-"""The run-dir contract (DESIGN.md §5): fixed file names, atomic writes.
+"""The run-dir contract (docs/design.md, "Run-dir contract"): fixed file names, atomic writes.
 
     <run>/results.json  R.csv  R_heatmap.png  state.json
     <run>/predictions/after_<t>_<task>/<task>.jsonl     (t = 0 is the initial model)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from aglcl.engine.distributed import rank, world_size
+from aglcl.dist import rank, world_size
 from aglcl.errors import AglclError
 
 # A segment ``(i, p_start, p_stop, f_start)``: elements ``[p_start, p_stop)`` of flattened parameter ``i``
