@@ -47,10 +47,9 @@ class TrainPreflight(Callback):
     """Validate ``aglcl train``'s config and its run dir before Hydra writes anything."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from aglcl import dist
         from aglcl.engine import ownership
         from aglcl.engine.validate import check_train_config
-
-        from aglcl import dist
 
         try:
             run = check_train_config(config, build=True)
