@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -132,3 +133,34 @@ def assert_resumes_like_unbroken(resumed: Path | dict, unbroken: Path | dict) ->
     assert a["R"] == b["R"] and a["b"] == b["b"], (a["R"], b["R"])
     assert a["metrics"] == b["metrics"]
     assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
+
+
+def stop_then_resume(conf: Path, root: Path, *overrides: str, stop: int = 1) -> tuple[dict, Path]:
+    """Train ``overrides`` unbroken into ``root/whole``, and into ``root/split`` stopped after ``stop`` tasks
+    (``stop_after``); returns the unbroken results and the stopped run dir. Check the stopped dir, then call
+    :func:`resume_and_compare`."""
+    whole = train(conf, root / "whole", *overrides)
+    assert all(math.isfinite(whole["train"][t]["loss"]) for t in whole["tasks"])
+    assert train(conf, root / "split", *overrides, f"stop_after={stop}")["stopped_after"] == stop
+    assert json.loads((root / "split" / "state.json").read_text())["next_task"] == stop
+    assert not (root / "split" / "results.json").exists()
+    return whole, root / "split"
+
+
+def resume_and_compare(conf: Path, split: Path, whole: dict, *overrides: str) -> None:
+    """Resume the stopped run ``split`` and check it equals the unbroken one."""
+    train(conf, split, *overrides, "resume=true")
+    assert_resumes_like_unbroken(split, whole)
+
+
+def refused(fn, *needles) -> str:
+    """``fn()`` raises a one-line ``AglclError`` holding every needle (a file's name, a key); returns it."""
+    from aglcl.errors import AglclError
+
+    with pytest.raises(AglclError) as info:
+        fn()
+    msg = str(info.value)
+    assert len(msg.splitlines()) == 1 and msg == msg.strip(), msg
+    for needle in needles:
+        assert str(needle) in msg, (needle, msg)
+    return msg

@@ -18,26 +18,15 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
+from conftest import REPO, make_fixture_conf, refused, run_cli, tiny_overrides
 from torch import nn
 
 from aglcl import rundir
 from aglcl.attribution import store as S
 from aglcl.attribution.pipeline import Attribution
-from aglcl.errors import AglclError, UserAbort, os_error_message, user_errors
+from aglcl.errors import UserAbort, os_error_message, user_errors
 from aglcl.report.evaluate import matrix_from_run
 from aglcl.report.matrix import read_matrix, write_matrix_csv
-
-
-def refused(fn, *needles: str) -> str:
-    """``fn()`` raises a one-line AglclError holding every needle (the file's name among them)."""
-    with pytest.raises(AglclError) as info:
-        fn()
-    msg = str(info.value)
-    assert len(msg.splitlines()) == 1 and msg == msg.strip(), msg
-    for needle in needles:
-        assert str(needle) in msg, (needle, msg)
-    return msg
 
 
 def one_line_exit(proc: subprocess.CompletedProcess, *needles: str) -> str:

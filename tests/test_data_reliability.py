@@ -8,7 +8,7 @@ import json
 import logging
 
 import pytest
-from conftest import make_fixture_conf, run_cli
+from conftest import make_fixture_conf, refused, run_cli
 from omegaconf import OmegaConf
 
 from aglcl.data.collate import encode_prompt
@@ -16,22 +16,10 @@ from aglcl.data.formats import CLBenchTask
 from aglcl.data.scoring import GreedyGeneration, LabelLikelihood, check_scoring
 from aglcl.data.sources import Files, HFDataset
 from aglcl.data.tasks import Task, load_sequence, render
-from aglcl.errors import AglclError
 from aglcl.models import build_tiny
 
 LONG = "a very long label indeed"  # 25 tokens after the answer prefix " " (byte-level tiny tokenizer), 26 with EOS
 PARITY = [(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd") for n in range(12)]
-
-
-def refused(fn, *needles: str) -> str:
-    """``fn()`` raises a one-line AglclError holding every needle."""
-    with pytest.raises(AglclError) as info:
-        fn()
-    msg = str(info.value)
-    assert len(msg.splitlines()) == 1 and msg == msg.strip(), msg
-    for needle in needles:
-        assert needle in msg, (needle, msg)
-    return msg
 
 
 def write_splits(root, train, test):

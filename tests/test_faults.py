@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
+from conftest import REPO, assert_resumes_like_unbroken, make_fixture_conf, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.integration  # subprocesses: kill -9 and SIGINT at chosen points
 
@@ -96,11 +96,7 @@ def test_kill_then_resume_equals_the_unbroken_run(conf, tmp_path, unbroken, modu
     assert not (run / "results.json").exists()
     proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads((run / "results.json").read_text())
-    assert resumed["R"] == unbroken["R"] and resumed["b"] == unbroken["b"]
-    assert resumed["metrics"] == unbroken["metrics"]
-    assert [resumed["train"][t]["loss"] for t in resumed["tasks"]] == [unbroken["train"][t]["loss"]
-                                                                       for t in unbroken["tasks"]]
+    assert_resumes_like_unbroken(run, unbroken)
     assert not list(run.rglob("*.tmp"))  # the killed write's temp file is cleaned up on resume
     state = json.loads((run / "state.json").read_text())
     assert state["done"] and sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
@@ -121,9 +117,7 @@ def test_ctrl_c_prints_one_line_and_resumes_exactly(conf, tmp_path, unbroken, at
     assert not (run / ".aglcl.lock").exists()
     proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads((run / "results.json").read_text())
-    assert resumed["R"] == unbroken["R"] and resumed["b"] == unbroken["b"]
-    assert resumed["metrics"] == unbroken["metrics"]
+    assert_resumes_like_unbroken(run, unbroken)
 
 
 @pytest.fixture(scope="module")

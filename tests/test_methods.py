@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TASKS, assert_resumes_like_unbroken, train
+from conftest import TASKS, resume_and_compare, stop_then_resume, train
 
 from aglcl.data.collate import collate, encode
 from aglcl.errors import AglclError
@@ -48,18 +46,12 @@ def tiny():
                          ids=[f"{m}-{'-'.join(e) or 'default'}" for m, e, _ in TEST_CASES])
 def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, extra, has_state):
     args = [*FAST, f"method={method}", *extra]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    a = train(conf, whole, *args)
+    a, split = stop_then_resume(conf, tmp_path, *args)
     assert a["method"].rsplit(".", 2)[-2] == ("compose" if method.endswith("_replay") else method)
-    assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
     assert a["diagonal_only"] == (method == "single")  # single: only plasticity is reported
     assert (a["metrics"]["op"] is None) == (method == "single") and a["metrics"]["plasticity"] is not None
-    assert json.loads((whole / "state.json").read_text())["next_task"] == 2
-
-    assert train(conf, split, *args, "stop_after=1")["stopped_after"] == 1
     assert (split / "checkpoint" / "task_1" / "method.safetensors").is_file() == has_state
-    train(conf, split, *args, "resume=true")
-    assert_resumes_like_unbroken(split, whole)
+    resume_and_compare(conf, split, a, *args)
 
 
 def test_bad_hyper_parameter_is_refused_before_training(conf, tmp_path):

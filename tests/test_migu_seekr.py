@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TASKS, assert_resumes_like_unbroken, train
+from conftest import TASKS, resume_and_compare, stop_then_resume, train
 
 from aglcl.data.collate import IGNORE, collate, encode
 from aglcl.errors import AglclError
@@ -44,14 +43,8 @@ def tiny():
 @pytest.mark.parametrize(("method", "extra", "has_state"), CASES, ids=[c[0] for c in CASES])
 def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, extra, has_state):
     args = [*FAST, f"method={method}", *extra]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    a = train(conf, whole, *args)
+    a, split = stop_then_resume(conf, tmp_path, *args)
     assert a["method"].rsplit(".", 2)[-2] == method
-    assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
-    assert json.loads((whole / "state.json").read_text())["next_task"] == 2
-
-    assert train(conf, split, *args, "stop_after=1")["stopped_after"] == 1
-    assert json.loads((split / "state.json").read_text())["next_task"] == 1
     saved = split / "checkpoint" / "task_1" / "method.safetensors"
     assert saved.is_file() == has_state
     if method == "seekr":  # the buffer (round(0.1 · 24) = 2 examples) and the chosen heads (3, all in 1 layer)
@@ -61,8 +54,7 @@ def test_method_runs_and_resumes_like_an_unbroken_run(conf, tmp_path, method, ex
         assert len(unpack_examples(state)) == 2
         assert state["heads"].dtype == torch.bool and int(state["heads"].sum()) == 3
         assert int(state["heads"].any(1).sum()) == 1 and state["scores"].shape == state["heads"].shape
-    train(conf, split, *args, "resume=true")
-    assert_resumes_like_unbroken(split, whole)
+    resume_and_compare(conf, split, a, *args)
 
 
 def test_bad_hyper_parameter_is_refused_before_training(conf, tmp_path):  # the other keys are checked below

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 import torch
-from conftest import TASKS, assert_resumes_like_unbroken, train
+from conftest import TASKS, resume_and_compare, stop_then_resume, train
 
 from aglcl.data.collate import collate, encode
 from aglcl.errors import AglclError
@@ -22,20 +19,13 @@ def test_olora_runs_and_resumes_like_an_unbroken_run(conf, tmp_path):
     from safetensors import safe_open
 
     args = [*FAST, "method=olora"]
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    a = train(conf, whole, *args)
+    a, split = stop_then_resume(conf, tmp_path, *args)
     assert a["method"] == "aglcl.methods.olora.OLoRA"
-    assert all(math.isfinite(a["train"][t]["loss"]) for t in a["tasks"])
-    assert json.loads((whole / "state.json").read_text())["next_task"] == 2
-
-    assert train(conf, split, *args, "stop_after=1")["stopped_after"] == 1
-    assert json.loads((split / "state.json").read_text())["next_task"] == 1
     assert not (split / "checkpoint" / "method.safetensors").exists()  # the adapters live in the model weights
     with safe_open(split / "checkpoint" / "task_1" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
     assert any(".lora_A.task_0." in k for k in keys) and not any(".task_1." in k for k in keys)
-    train(conf, split, *args, "resume=true")
-    assert_resumes_like_unbroken(split, whole)
+    resume_and_compare(conf, split, a, *args)
 
 
 def test_bad_hyper_parameter_is_refused_before_training(conf, tmp_path):

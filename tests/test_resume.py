@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from conftest import assert_resumes_like_unbroken, train
+from conftest import resume_and_compare, stop_then_resume, train
 
 from aglcl.errors import AglclError
 
@@ -18,14 +16,9 @@ from aglcl.errors import AglclError
       "attribution.estimator.correct_only=false", "sequence.order=[parity,sign,size]"], 2),
 ], ids=["seqft", "agft", "agft-lora"])
 def test_stop_then_resume_equals_an_unbroken_run(conf, tmp_path, method, stop):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train(conf, whole, *method)
-    assert train(conf, split, *method, f"stop_after={stop}")["stopped_after"] == stop
-    assert not (split / "results.json").exists()
-    assert json.loads((split / "state.json").read_text())["next_task"] == stop
+    whole, split = stop_then_resume(conf, tmp_path, *method, stop=stop)
     assert (split / "checkpoint" / f"task_{stop}" / "model.safetensors").is_file()
-    train(conf, split, *method, "resume=true")
-    assert_resumes_like_unbroken(split, whole)
+    resume_and_compare(conf, split, whole, *method)
 
 
 def test_resume_without_a_run_is_refused(conf, tmp_path):
