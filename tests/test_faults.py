@@ -1,5 +1,7 @@
 """Fault injection: kill -9 a run at many points, resume it, and get exactly the unbroken run's results.
 
+The killed runs are subprocesses (integration); the unbroken reference and every resume run in-process.
+
 Each killed run is ``python -m aglcl train`` with one function wrapped so that its n-th matching call
 sends SIGKILL to the process (no cleanup, no atexit, no flush): mid-task, during evaluation, during
 attribution, between writing a temp file and renaming it (importance map, checkpoint, state.json).
@@ -15,9 +17,15 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_resumes_like_unbroken, make_fixture_conf, run_cli, tiny_overrides
-
-pytestmark = pytest.mark.integration  # subprocesses: kill -9 and SIGINT at chosen points
+from conftest import (
+    REPO,
+    assert_resumes_like_unbroken,
+    make_fixture_conf,
+    refused,
+    require_integration,
+    tiny_overrides,
+    train,
+)
 
 KILLER = """
 import functools, importlib, os, signal, sys
@@ -73,13 +81,11 @@ def conf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unbroken(conf, tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("unbroken")
-    proc = run_cli("train", *tiny_overrides(conf, cwd / "run"), *ARGS, cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((cwd / "run" / "results.json").read_text())
+    return train(conf, tmp_path_factory.mktemp("unbroken") / "run", *ARGS)
 
 
 def _killed(conf, run, cwd, module, attr, nth, match, sig="SIGKILL"):
+    require_integration("a killed run")
     script = cwd / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs"), "KILL_SIGNAL": sig}
@@ -88,20 +94,21 @@ def _killed(conf, run, cwd, module, attr, nth, match, sig="SIGKILL"):
                           timeout=300)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("module", "attr", "nth", "match"), [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
 def test_kill_then_resume_equals_the_unbroken_run(conf, tmp_path, unbroken, module, attr, nth, match):
     run = tmp_path / "run"
     proc = _killed(conf, run, tmp_path, module, attr, nth, match)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (run / "results.json").exists()
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(conf, run, *ARGS, "resume=true")
     assert_resumes_like_unbroken(run, unbroken)
     assert not list(run.rglob("*.tmp"))  # the killed write's temp file is cleaned up on resume
     state = json.loads((run / "state.json").read_text())
     assert state["done"] and sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("attr", "nth"), [("loop.lm_forward", 6), ("runner.evaluate_all", 1)],
                          ids=["mid-task-2", "initial-evaluation"])
 def test_ctrl_c_prints_one_line_and_resumes_exactly(conf, tmp_path, unbroken, attr, nth):
@@ -115,18 +122,16 @@ def test_ctrl_c_prints_one_line_and_resumes_exactly(conf, tmp_path, unbroken, at
     assert "Traceback" not in proc.stderr and "resume=true" in lines[-1] and str(run) in lines[-1]
     assert not [line for line in lines if "error" in line.lower()], proc.stderr
     assert not (run / ".aglcl.lock").exists()
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(conf, run, *ARGS, "resume=true")
     assert_resumes_like_unbroken(run, unbroken)
 
 
 @pytest.fixture(scope="module")
 def stopped(conf, tmp_path_factory):
     """A run stopped after its first task (checkpoint/task_1 holds weights, method state and the map)."""
-    cwd = tmp_path_factory.mktemp("stopped")
-    proc = run_cli("train", *tiny_overrides(conf, cwd / "run"), *ARGS, "stop_after=1", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "run"
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    train(conf, run, *ARGS, "stop_after=1")
+    return run
 
 
 def _copy(stopped, tmp_path):
@@ -137,12 +142,9 @@ def _copy(stopped, tmp_path):
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(conf, tmp_path, stopped):
     run = _copy(stopped, tmp_path)
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", "trainer.lr=1e-3",
-                   "method.methods.agft.lam=0.5", cwd=tmp_path)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
-    assert "trainer.lr" in proc.stderr and "method.methods.agft.lam" in proc.stderr and "resume=force" in proc.stderr
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=force", "trainer.lr=1e-3", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused(lambda: train(conf, run, *ARGS, "resume=true", "trainer.lr=1e-3", "method.methods.agft.lam=0.5"),
+            "trainer.lr", "method.methods.agft.lam", "resume=force")
+    train(conf, run, *ARGS, "resume=force", "trainer.lr=1e-3")
     assert json.loads((run / "state.json").read_text())["done"]
 
 
@@ -153,18 +155,12 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(conf, tmp_path, stopped, 
     target = run / "state.json" if artifact == "state.json" else run / "checkpoint" / "task_1" / artifact
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2])
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=true", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-    assert target.name in proc.stderr
+    refused(lambda: train(conf, run, *ARGS, "resume=true"), target.name)
 
 
 def test_a_checkpoint_of_another_model_is_refused(conf, tmp_path, stopped):
     run = _copy(stopped, tmp_path)
-    proc = run_cli("train", *tiny_overrides(conf, run), *ARGS, "resume=force", "model.hidden_size=48",
-                   cwd=tmp_path)
-    assert proc.returncode == 2 and "model.safetensors" in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1
+    refused(lambda: train(conf, run, *ARGS, "resume=force", "model.hidden_size=48"), "model.safetensors")
 
 
 def test_machine_paths_do_not_count_as_a_config_change():
@@ -173,7 +169,7 @@ def test_machine_paths_do_not_count_as_a_config_change():
     from hydra import compose, initialize_config_dir
 
     from aglcl.engine.checkpoint import config_diff
-    from aglcl.engine.runner import _plain_config
+    from aglcl.engine.checkpoint import plain_config as _plain_config
     from aglcl.paths import conf_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):

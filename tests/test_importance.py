@@ -291,3 +291,36 @@ def test_top_overlap_on_hand_built_maps():
         S.top_overlap(a, {"z": torch.ones(3)})
     with pytest.raises(AglclError, match="p="):
         S.top_overlap(a, a, 0.0)
+
+
+# -- the O(n) rank ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lognormal", "zero-block", "ties", "pareto", "small"])
+def test_fast_rank_is_within_the_uint8_step_of_the_exact_rank(kind):
+    from aglcl.attribution.normalize import FAST_MIN, _rank, _rank_fast
+
+    g = torch.Generator().manual_seed(1)
+    n = 3 * FAST_MIN + 7
+    x = {"lognormal": lambda: torch.randn(n, generator=g).mul(2).exp(),
+         "zero-block": lambda: torch.cat([torch.zeros(n // 3), torch.rand(n - n // 3, generator=g)]),
+         "ties": lambda: torch.randint(0, 40, (n,), generator=g).float(),
+         "pareto": lambda: torch.rand(n, generator=g).clamp_(min=1e-9).pow_(-2.0),
+         "small": lambda: torch.rand(FAST_MIN - 1, generator=g)}[kind]()
+    exact, fast = _rank(x), _rank_fast(x)
+    assert float((exact - fast).abs().max()) <= 1 / 255
+    assert torch.equal(fast, _rank_fast(x.clone()))  # deterministic: a recomputed map is the same map
+    if kind == "zero-block":
+        assert float(fast[: n // 3].max()) == 0.0  # exact zeros keep no protection
+    if kind in ("ties", "small"):
+        assert torch.equal(fast, exact)  # ties sit on cell edges; small tensors are ranked exactly
+
+
+def test_the_pipeline_ranks_exactly_when_asked():
+    from aglcl.attribution import normalize as norm
+
+    g = torch.Generator().manual_seed(2)
+    maps = {"a.weight": torch.randn(300, 300, generator=g).exp()}
+    exact = norm.normalize(maps, "rank", "tensor", exact=True)["a.weight"]
+    fast = norm.normalize(maps, "rank", "tensor", exact=False)["a.weight"]
+    block = norm.normalize(maps, "rank", "block", exact=False)["a.weight"]
+    assert not torch.equal(exact, fast) and float((exact - fast).abs().max()) <= 1 / 255
+    assert torch.equal(fast, block)  # one tensor in its own group: the same ranks

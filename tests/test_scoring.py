@@ -38,6 +38,32 @@ def test_shared_prompt_scores_equal_full_sequence_scores(tiny):
     assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_the_prompt_pass_computes_logits_at_the_last_position_only(tiny, monkeypatch):
+    """``logits_to_keep=1`` on the prompt pass (no full-vocabulary logits at every prompt position) gives the
+    scores the full computation gives."""
+    from aglcl.data import scoring
+    from aglcl.data.collate import encode_answer
+
+    model, tok = tiny
+    prompts = [tok(p).input_ids for p in ["Is 4 even or odd? Answer:", "A longer prompt, left-padded. Answer:"]]
+    labels = [encode_answer(tok, lab) for lab in (" even", " odd", " neither of them")]
+    shapes = []
+    original = type(model).forward
+
+    def recording(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    fast = label_logprobs(model, tok.pad_token_id, prompts, labels)
+    assert shapes[0][1] == 1  # the prompt pass: one position's logits
+    monkeypatch.setattr(scoring, "accepts", lambda model, name: False)  # as a model without logits_to_keep
+    full = label_logprobs(model, tok.pad_token_id, prompts, labels)
+    assert shapes[2][1] == max(len(p) for p in prompts)
+    assert torch.allclose(fast, full, atol=1e-6)
+
+
 def test_label_likelihood_predicts_labels_and_scores_them(tiny):
     model, tok = tiny
     task = Task(name="t", template="{prompt}", answer_prefix=" ", metric="accuracy", scoring=None,

@@ -37,7 +37,7 @@ class Attribution:
     """Runs an estimator after each task and keeps the combined importance map."""
 
     def __init__(self, estimator, normalize: str = "rank", scope: str = "tensor", combine: str = "max",
-                 ema_decay: float = 0.5, dtype: str = "uint8", after_last: bool = False):
+                 ema_decay: float = 0.5, dtype: str = "uint8", after_last: bool = False, exact_rank: bool = False):
         for key, value, options in (("normalize", normalize, norm.NORMALIZERS), ("scope", scope, norm.SCOPES),
                                     ("combine", combine, norm.COMBINES), ("dtype", dtype, store.DTYPES)):
             if value not in options:
@@ -47,6 +47,7 @@ class Attribution:
         self.estimator = estimator
         self.normalize, self.scope, self.combine, self.ema_decay, self.dtype = normalize, scope, combine, ema_decay, dtype
         self.after_last = after_last  # also attribute the last task (only useful for reports)
+        self.exact_rank = exact_rank  # False: O(n) ranks within 1/255 of the exact ones (normalize._rank_fast)
         self.combined: dict[str, torch.Tensor] | None = None
         self.count = 0
         self._layout: dict[str, tuple[tuple, tuple]] = {}  # sharded tensors: (global shape, local offset)
@@ -60,9 +61,9 @@ class Attribution:
         sharded = _sharded_params(model, raw)
         self._layout = _layout(sharded)
         if sharded:
-            task_map, raw_mean = _normalize_sharded(raw, sharded, self.normalize, self.scope)
+            task_map, raw_mean = _normalize_sharded(raw, sharded, self.normalize, self.scope, self.exact_rank)
         else:
-            task_map = norm.normalize(raw, method=self.normalize, scope=self.scope)
+            task_map = norm.normalize(raw, method=self.normalize, scope=self.scope, exact=self.exact_rank)
             raw_mean = {n: float(t.float().mean()) for n, t in raw.items()}
         self.count += 1
         combined = norm.combine(self.combined, task_map, how=self.combine, ema_decay=self.ema_decay,
@@ -124,7 +125,7 @@ def _layout(sharded: dict) -> dict[str, tuple[tuple, tuple]]:
     return {n: (tuple(p.shape), tuple(s.start for s in dist.local_slices(p))) for n, p in sharded.items()}
 
 
-def _normalize_sharded(raw: dict, sharded: dict, method: str, scope: str) -> tuple[dict, dict]:
+def _normalize_sharded(raw: dict, sharded: dict, method: str, scope: str, exact: bool = True) -> tuple[dict, dict]:
     """Normalise a map holding rank-local pieces: each group (a tensor, or a block) is gathered whole,
     normalised exactly as in one process, and cut back to this rank's piece. Collective: the groups
     follow the map's order, the same on every rank. Returns ``(pieces, raw mean per tensor)``."""
@@ -135,7 +136,7 @@ def _normalize_sharded(raw: dict, sharded: dict, method: str, scope: str) -> tup
     for names in groups.values():
         whole = {n: dist.gather_full(raw[n], sharded[n]).cpu() if n in sharded else raw[n] for n in names}
         means.update({n: float(t.float().mean()) for n, t in whole.items()})
-        normed = norm.normalize(whole, method=method, scope=scope)
+        normed = norm.normalize(whole, method=method, scope=scope, exact=exact)
         for n in names:
             out[n] = dist.local_view(normed[n], sharded[n]).clone() if n in sharded else normed[n]
         del whole, normed

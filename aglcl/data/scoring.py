@@ -105,7 +105,8 @@ def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[li
         mask[row, P - len(p) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    keep = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}  # only the last position is read
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     total = first[:, [lab[0] for lab in labels]]  # (B, K)
     L = max(len(lab) for lab in labels) - 1
