@@ -42,6 +42,7 @@ def main() -> None:
     from aglcl.data.collate import encode
     from aglcl.engine.config import TrainerConfig
     from aglcl.engine.loop import train_task
+    from aglcl.engine.strategy import DistributedConfig
     from aglcl.methods.agft import AGFT
     from aglcl.methods.seqft import SeqFT
     from aglcl.models import build_tiny
@@ -52,7 +53,7 @@ def main() -> None:
                         log_every=args.steps, scheduler="constant")
     rows = []
     for name in args.engines.split(","):
-        spec = dist.DistributedConfig(**ENGINES[name])
+        spec = DistributedConfig(**ENGINES[name])
         times: dict[str, list[float]] = {"seqft": [], "agft": []}
         for round_ in range(args.rounds + 1):
             for method_name in ("seqft", "agft"):
