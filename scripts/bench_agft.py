@@ -1,10 +1,14 @@
 """AGFT costs: per-step overhead of the gate, attribution time, and extra memory, each against seqft.
 
-    python scripts/bench_agft.py                       # SmolLM2-135M, bf16, 12 steps x 2 rounds
-    python scripts/bench_agft.py --model tiny --steps 30
+    python scripts/bench_agft.py                       # SmolLM2-135M, bf16: 9 interleaved pairs of 3 steps
+    python scripts/bench_agft.py --model tiny --pairs 15
 
-* Overhead: the same batches are trained with seqft, agft update mode and agft grad mode (random
-  rank map on attention and MLP weights, λ = 1), alternating rounds; the ratio of medians is reported.
+* Overhead: the same batches are trained with seqft and agft (update mode, then grad mode; random rank map on
+  attention and MLP weights, λ = 1), interleaved after a warm-up: A B C A B C ... for ``--pairs`` rounds of
+  ``--steps`` steps. Each round gives a ratio agft / seqft; the median ratio is reported with its min and max
+  (interleaving cancels the drift a shared machine adds between whole runs).
+* The gate's traffic: bytes the update gate reads and writes per step (gates, weights, Adam state) and what
+  that costs at this machine's measured copy bandwidth: the physical floor of the overhead.
 * Attribution: one pass of each estimator at its shipped defaults (conf/attribution/*.yaml), as a
   fraction of a default task's training time (trainer.max_steps steps of the same batch size).
 * Memory: bytes the method keeps (gates) plus the largest per-step temporary, over the parameter bytes.
@@ -25,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="packaged://smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method per round")
+    parser.add_argument("--pairs", type=int, default=9, help="interleaved rounds after one warm-up round")
     parser.add_argument("--task-steps", type=int, default=30, help="steps of a default task (trainer.max_steps)")
     parser.add_argument("--estimators", default="grad_x_weight,fisher,lrp")
     args = parser.parse_args()
@@ -69,26 +73,40 @@ def main() -> None:
         return method
 
     times = {"seqft": [], "agft_update": [], "agft_grad": []}
-    for _ in range(args.rounds):
+    for round_ in range(args.pairs + 1):  # round 0 warms up (allocator, kernels) and is not counted
         for name in times:
             model.load_state_dict(init)
             method = make(name)
             method.before_task(1, None, model)
             start = time.perf_counter()
             train_task(model, tok, data, method, cfg, acc, task="bench")
-            times[name].append(time.perf_counter() - start)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    print(f"model {args.model}: {args.pairs} interleaved rounds of {args.steps} steps x batch 8, bf16, "
+          f"torch threads {torch.get_num_threads()}")
     base = statistics.median(times["seqft"])
-    print(f"model {args.model}: {args.steps} steps x batch 8, bf16, torch threads {torch.get_num_threads()}")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"  {name:<12} median {med:7.2f} s  ({med / args.steps:.3f} s/step)  overhead {med / base - 1:+.1%}  "
-              f"runs {[round(t, 2) for t in ts]}")
+        ratios = [t / b for t, b in zip(ts, times["seqft"])]
+        print(f"  {name:<12} median {statistics.median(ts) / args.steps:.3f} s/step   agft/seqft per round: median "
+              f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
 
     method = make("agft_update")
     method.before_task(1, None, model)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gate_bytes = sum(g.numel() * g.element_size() for _, g in method._gates)
     largest = max(p.numel() * 4 * 2 for p, _ in method._gates)  # denom + recovered θ_old for one tensor
+    gated = sum(p.numel() for p, _ in method._gates)
+    # update mode per step: read the gate, read m, v and θ to recover the step, write θ (fp32 weights and state)
+    traffic = gate_bytes + gated * 4 * 4
+    src, dst = torch.ones(64 * 2**20 // 4), torch.empty(64 * 2**20 // 4)  # 64 MiB each: past the caches
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    bandwidth = 10 * 2 * src.numel() * 4 / (time.perf_counter() - start)  # bytes read + written per second
+    print(f"gate traffic: {traffic / 2**20:.0f} MiB per step (gates + fp32 θ, m, v read and θ written); at the "
+          f"measured copy bandwidth {bandwidth / 2**30:.1f} GiB/s that is {traffic / bandwidth * 1e3:.0f} ms, "
+          f"{traffic / bandwidth / (base / args.steps):.1%} of a seqft step")
     print(f"memory: params {param_bytes / 2**20:.0f} MiB, gates {gate_bytes / 2**20:.0f} MiB "
           f"({gate_bytes / param_bytes:.2f} copies), largest per-step temporary {largest / 2**20:.0f} MiB; "
           f"extra total {(gate_bytes + largest) / param_bytes:.2f} copies of the parameters")

@@ -33,11 +33,14 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def versions() -> dict:
-    import accelerate
-    import peft
-    import transformers
+    """The versions behind a run, read from the installed metadata (importing peft alone costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    import aglcl
+    def of(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
-    return {"aglcl": aglcl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+    return {"aglcl": of("aglcl"), "torch": torch.__version__, "transformers": of("transformers"),
+            "peft": of("peft"), "accelerate": of("accelerate"), "python": platform.python_version()}
