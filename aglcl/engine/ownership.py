@@ -58,7 +58,7 @@ def check_run_dir(run_dir: Path, resume, overwrite: bool, key: str = "hydra.run.
     kind = classify(run_dir)
     if kind == "file":
         raise AglclError(f"{key}={run_dir} is a file, not a directory; choose another output directory")
-    holder = RunLock.holder(run_dir) if kind not in ("absent",) else None
+    holder = RunLock.holder(run_dir) if kind != "absent" else None
     if holder is not None:
         raise AglclError(f"{key}={run_dir} is in use by another aglcl run ({holder}); wait for it to finish, "
                          f"or choose another {key}")

@@ -103,15 +103,15 @@ class SequenceRun:
         telemetry.reset_peak_mem()
         hf_logging.disable_progress_bar()
         self.console = Console(stderr=True)
-        self.trainer = build(cfg.trainer, "trainer")
+        self.trainer = build(cfg.trainer)
         self.tasks = load_sequence(cfg.sequence, cfg.get("limit"), opts.data_seed)
         self.names = [t.name for t in self.tasks]
-        self.method = build(cfg.method, "method")
-        self.attribution = build(cfg.attribution, "attribution") if _enabled(cfg.get("attribution")) else None
+        self.method = build(cfg.method)
+        self.attribution = build(cfg.attribution) if _enabled(cfg.get("attribution")) else None
         if self.method.needs_importance and self.attribution is None:
             raise AglclError(f"method {type(self.method).__name__} needs importance maps; choose an attribution "
                              f"estimator, e.g. attribution=grad_x_weight (see `aglcl ls`)")
-        self.engine = build(cfg.distributed, "distributed") if _enabled(cfg.get("distributed")) else DistributedConfig()
+        self.engine = build(cfg.distributed) if _enabled(cfg.get("distributed")) else DistributedConfig()
         self.engine.check(self.method)
         if opts.stop_after is not None and opts.stop_after > len(self.tasks):
             raise AglclError(f"stop_after={opts.stop_after} is invalid: the sequence has {len(self.tasks)} tasks")
@@ -154,7 +154,7 @@ class SequenceRun:
 
         cfg, trainer = self.cfg, self.trainer
         set_seed(trainer.seed)
-        model, self.tokenizer = build(cfg.model, "model")
+        model, self.tokenizer = build(cfg.model)
         if _enabled(cfg.get("peft")):
             import warnings
 
@@ -162,7 +162,7 @@ class SequenceRun:
 
             with warnings.catch_warnings():  # peft calls a deprecated transformers helper on every wrap
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                model = get_peft_model(model, build(cfg.peft, "peft", _convert_="all"))
+                model = get_peft_model(model, build(cfg.peft, _convert_="all"))
         self.log_with = cfg.logger.get("log_with")
         self.accelerator = Accelerator(mixed_precision=trainer.precision, log_with=self.log_with,
                                        project_dir=cfg.logger.get("logging_dir") or str(self.run_dir),

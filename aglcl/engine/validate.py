@@ -270,7 +270,7 @@ def run_config(cfg: DictConfig, num_tasks: int | None = None) -> RunConfig:
 BUILT = ("trainer", "method", "attribution", "distributed")
 
 
-def build(node, key: str, **kwargs):
+def build(node, **kwargs):
     """``hydra.utils.instantiate(node)``, with a user error raised by the target (e.g. its range check)
     re-raised as itself rather than wrapped in Hydra's ``InstantiationException``."""
     from hydra.utils import instantiate
@@ -293,7 +293,7 @@ def build_cheap(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if isinstance(node, DictConfig) and node.get("_target_"):
             try:
-                build(node, group)
+                build(node)
             except AglclError:
                 raise
             except Exception as exc:
