@@ -40,13 +40,13 @@ run: data  ## run the embedded default experiment offline (aglcl train)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/aglcl train
 
 test: $(DEV)  ## run the whole test suite (slow and integration tests included)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 test-fast: $(DEV)  ## the inner loop: in-process tests only (no subprocess, no SmolLM2)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow and not integration"
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow and not integration"
 
 coverage: $(DEV)  ## line coverage of the whole suite, CLI and torchrun subprocesses included
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --cov --cov-report=term
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal --cov --cov-report=term
 
 bench: data  ## the benchmark scripts (throughput vs HF Trainer; AGFT overhead, attribution time, memory)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench_train_throughput.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -15,6 +16,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per test process: `make test` runs 2 xdist workers on 2 cores, and a forked child
+# (run_cli) of a process whose OpenMP pool ran with more threads hangs at its first parallel region.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,12 +84,202 @@ def require_integration(what: str) -> None:
                              "mark the test @pytest.mark.integration")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m aglcl ARGS`` in a subprocess (integration tests only); returns the completed process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, fresh: bool = False,
+            before=None) -> subprocess.CompletedProcess:
+    """``python -m aglcl ARGS`` as a child process (integration tests only); returns the completed process.
+
+    By default the child is a fork of this test process, which has torch, transformers and Hydra imported
+    already (a fresh interpreter spends about 9 s importing them): the exit code, signals and stdout/stderr
+    are the child's own, as in a subprocess. ``before()`` runs in the child first (e.g. to plant a fault).
+    ``fresh=True`` starts a new interpreter instead (``before`` is then not allowed).
+    """
     require_integration(f"run_cli{args[:1]}")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str((cwd or REPO) / "outputs")}
-    return subprocess.run([sys.executable, "-m", "aglcl", *args], cwd=cwd or REPO, env=env, text=True,
-                          capture_output=True, timeout=timeout)
+    cwd = cwd or REPO
+    env = _child_env(cwd)
+    if fresh:
+        assert before is None, "before() needs a forked child"
+        return subprocess.run([sys.executable, "-m", "aglcl", *args], cwd=cwd, env=env, text=True,
+                              capture_output=True, timeout=timeout)
+    return forked(["aglcl", *args], functools.partial(_cli, list(args), before), cwd, env, timeout)
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, before=None, target=None, fresh: bool = False,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m aglcl train ARGS`` (integration tests only), gloo on CPU.
+
+    By default this is torchrun's own elastic launcher (``torch.distributed.launcher.api.elastic_launch``,
+    what ``torchrun`` calls: the same agent, rendezvous and rank environment) in a forked child, starting
+    its ranks by fork (``start_method="fork"``), so no rank pays the imports. ``before()`` runs in every
+    rank first; ``target()`` replaces the CLI as the ranks' program. ``fresh=True`` runs the ``torchrun``
+    binary itself (``python -m torch.distributed.run``), each rank a new interpreter.
+    """
+    require_integration("torchrun")
+    env = {**_child_env(cwd), "OMP_NUM_THREADS": "1"}
+    env.pop("AGLCL_LAUNCH_TIME", None)
+    port = free_port()
+    if fresh:
+        assert before is None and target is None, "before() and target() need forked ranks"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(port), "-m", "aglcl", "train", *args]
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    program = target or functools.partial(_cli, ["train", *args], None)
+
+    def launch():
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id="aglcl-test",
+                              rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"rank": 0},
+                              max_restarts=0, monitor_interval=0.1, start_method="fork")
+        elastic_launch(config, _rank)(program, before)
+
+    return forked(["torchrun", "-m", "aglcl", "train", *args], launch, cwd, env, timeout)
+
+
+def run_python(script: str | Path, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` (a path, or code as for ``python -c``) in a forked child; integration tests only."""
+    import runpy
+
+    require_integration("run_python")
+    if isinstance(script, Path):
+        argv, main = [str(script), *args], functools.partial(runpy.run_path, str(script), run_name="__main__")
+    else:
+        argv, main = ["-c", *args], functools.partial(exec, script, {"__name__": "__main__"})
+    return forked(argv, main, cwd, {**_child_env(cwd), "OMP_NUM_THREADS": "1"}, timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child_env(cwd: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
+
+
+def _cli(argv: list[str], before=None) -> None:
+    if before is not None:
+        before()
+    from aglcl.cli import main
+
+    main(argv)
+
+
+def _rank(program, before) -> None:
+    """A forked rank: fresh run state, ``before()``, then ``program()``; its coverage is saved."""
+    try:
+        _fresh_state()
+        if before is not None:
+            before()
+        program()
+    finally:
+        _save_coverage()
+
+
+def _fresh_state() -> None:
+    """Forget what the test process set up in-process (accelerate's singleton state, Hydra's global)."""
+    from accelerate.state import AcceleratorState
+    from hydra.core.global_hydra import GlobalHydra
+
+    AcceleratorState._reset_state(True)
+    GlobalHydra.instance().clear()
+
+
+def forked(argv: list[str], main, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``main()`` in a forked child in ``cwd`` with environment ``env`` and ``sys.argv = argv``; returns
+    the completed process: its exit status (``SystemExit``'s code; a traceback and 1 on an exception; minus
+    the signal that killed it), stdout and stderr."""
+    import faulthandler
+    import signal
+    import tempfile
+    import time
+    import traceback
+
+    import torch
+
+    _warm()
+    assert torch.get_num_threads() == 1, "OpenMP's thread pool does not survive fork: run with one thread"
+    assert not torch.distributed.is_initialized(), "a process group in the test process would leak into the child"
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setpgid(0, 0)  # a group of its own: a timeout kills its ranks too
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            sys.stdout = sys.__stdout__ = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False)
+            sys.argv = list(argv)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+            faulthandler.dump_traceback_later(max(timeout - 5, 1), exit=True)  # a hang shows where
+            _fresh_state()
+            main()
+            code = 0
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 - as the interpreter would: a traceback and status 1
+            traceback.print_exc()
+        finally:
+            _save_coverage()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)  # the child and any ranks it started
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(argv, timeout)
+        time.sleep(0.02)
+    texts = []
+    for f in (out, err):
+        f.seek(0)
+        texts.append(f.read().decode(errors="replace"))
+        f.close()
+    return subprocess.CompletedProcess(argv, os.waitstatus_to_exitcode(status), texts[0], texts[1])
+
+
+# What a run imports lazily (a model class, the trainer stack, plots): imported once in the parent, so each
+# forked child starts with them.
+WARM = ("transformers.models.llama.modeling_llama", "transformers.generation", "accelerate", "peft",
+        "matplotlib.pyplot", "hydra.core.plugins", "safetensors.torch", "rich.console")
+
+
+def _warm() -> None:
+    import importlib
+    import pkgutil
+
+    import aglcl
+
+    for info in pkgutil.walk_packages(aglcl.__path__, "aglcl."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name in WARM:
+        importlib.import_module(name)
+
+
+def _save_coverage() -> None:
+    """Under ``make coverage`` the child's lines are saved too (``os._exit`` skips coverage's atexit)."""
+    coverage = sys.modules.get("coverage")
+    cov = coverage.Coverage.current() if coverage is not None else None
+    if cov is not None:
+        cov.stop()
+        cov.save()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Two CPU processes (gloo) against one: AGFT's gate, the attribution maps, the run dir, the launchers.
 
-The two-process half runs this file under ``torchrun --standalone --nproc_per_node 2`` (its ``__main__``
-block), once per engine, and compares what the ranks wrote with the same computation in this process:
+The two-process half (``_worker``) runs under torchrun's launcher with 2 forked ranks (conftest.torchrun),
+once per engine, and compares what the ranks wrote with the same computation in this process:
 
 * ``ddp``: ``accelerate.Accelerator(cpu=True)`` wraps the tiny Llama in DDP.
 * ``fsdp2``: torch's ``fully_shard`` on each decoder layer and the model. accelerate's FSDP plugin needs a
@@ -15,17 +15,15 @@ block), once per engine, and compares what the ranks wrote with the same computa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, ACCUM, PER_RANK, WORLD = 3, 2, 2, 2
 WATCH = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight")
 REDUCTIONS = ("mean", "max", "topk_mean")
@@ -227,18 +225,8 @@ def _worker(engine: str, out_dir: Path) -> None:
     dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(engine: str, out_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("AGLCL_LAUNCH_TIME", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), str(Path(__file__).resolve()), engine, str(out_dir)]
-    proc = subprocess.run(cmd, env=env, cwd=out_dir, capture_output=True, text=True, timeout=300)
+    proc = torchrun(cwd=out_dir, nproc=WORLD, target=functools.partial(_worker, engine, out_dir))
     assert proc.returncode == 0, proc.stderr[-6000:]
 
 
@@ -438,6 +426,25 @@ def test_bad_engine_names_the_key():
         DistributedConfig(engine="deepspeed", zero_stage=2, offload_param="cpu")
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["distributed=deepspeed_zero3", "distributed.zero3_init=true"], "zero3_init=false"),
+    (["distributed=deepspeed_zero3", "method=ewc"], "whole-tensor"),
+    (["distributed=deepspeed_zero2", "method=migu"], ".grad"),
+    (["distributed=fsdp2", "distributed.cpu_offload=true"], "needs a GPU"),
+    (["distributed=fsdp2", "method=lwf"], "does not support distributed=fsdp2"),
+])
+def test_engine_refusals_are_one_line_before_any_write(conf, tmp_path, args, needle):
+    """Each engine refuses what it cannot run, in one line, before a process group or a run file exists."""
+    from conftest import refused, train
+
+    from aglcl.dist import has_accelerator
+
+    if needle == "needs a GPU" and has_accelerator():
+        pytest.skip("this machine has a GPU: FSDP2's CPU offload is allowed")
+    refused(lambda: train(conf, tmp_path / "run", *args), needle)
+    assert not (tmp_path / "run" / "state.json").exists() and not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "joblib_local"])
 def test_launcher_configs_compose(launcher):
     pytest.importorskip({"slurm": "hydra_plugins.hydra_submitit_launcher",
@@ -576,5 +583,3 @@ def test_sharded_map_files_read_back_by_slices(tmp_path, monkeypatch):
     assert meta["task"] == "x"
 
 
-if __name__ == "__main__":  # torchrun --nproc_per_node 2 tests/test_distributed.py <engine> <out_dir>
-    _worker(sys.argv[1], Path(sys.argv[2]))

@@ -1,18 +1,14 @@
 """``aglcl train`` end to end under ``torchrun`` (2 CPU processes, gloo): DDP resume and data sharding, FSDP2
-and DeepSpeed ZeRO-2 with AGFT, the engines' refusals."""
+and DeepSpeed ZeRO-2 with AGFT, a refusal under torchrun (the others run in-process: test_distributed)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_fixture_conf, run_cli, tiny_overrides
+from conftest import make_fixture_conf, run_cli, tiny_overrides, torchrun, train
 
 pytestmark = pytest.mark.integration  # subprocesses: the CLI's exit codes, signals, torchrun
 
@@ -20,26 +16,29 @@ AGFT = ["method=agft", "attribution=grad_x_weight", "attribution.estimator.num_s
         "attribution.estimator.correct_only=false", "trainer.lr=5e-3"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, cwd: Path, entry: list[str] | None = None, path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m aglcl train ARGS`` (or ``torchrun ENTRY... ARGS``); ``path``: more
-    import roots for the ranks (e.g. tests/ for a test plugin)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO, *path))), "OMP_NUM_THREADS": "1",
-           "AGLCL_OUTPUT_DIR": str(cwd / "outputs")}
-    env.pop("AGLCL_LAUNCH_TIME", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), *(entry or ["-m", "aglcl", "train"]), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def conf(tmp_path_factory):
     return make_fixture_conf(tmp_path_factory.mktemp("dist_cli"))
+
+
+KILLABLE = ["trainer.max_steps=4", "checkpoint.every_steps=2"]  # a step checkpoint mid-task, for kill -9
+
+
+@pytest.fixture(scope="module")
+def unbroken(conf, tmp_path_factory):
+    """``unbroken(engine)``: the run dir of one torchrun of ``AGFT + KILLABLE`` under ``engine``, launched
+    once per module and shared by the tests that compare against it."""
+    runs: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in runs:
+            root = tmp_path_factory.mktemp(f"unbroken_{engine}")
+            proc = torchrun(*tiny_overrides(conf, root / "run"), f"distributed={engine}", *AGFT, *KILLABLE, cwd=root)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[engine] = root / "run"
+        return runs[engine]
+
+    return get
 
 
 def _results(run: Path) -> dict:
@@ -63,26 +62,22 @@ def test_ddp_stop_and_resume_equals_an_unbroken_ddp_run(conf, tmp_path):
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed_zero2"])
-def test_killed_mid_task_resumes_from_its_step_checkpoint(conf, tmp_path, engine):
+def test_killed_mid_task_resumes_from_its_step_checkpoint(conf, tmp_path, engine, unbroken):
     """kill -9 after a step checkpoint. FSDP2: AdamW's sharded state was gathered into optimizer.pt by rank 0,
     and every rank takes its shard back. DeepSpeed: the engine's own per-rank checkpoint. Either way the
     resumed run equals an unbroken one."""
-    from test_faults import KILLER
+    from test_faults import plant
 
-    args = [f"distributed={engine}", *AGFT, "trainer.max_steps=4", "checkpoint.every_steps=2"]
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    proc = torchrun(*tiny_overrides(conf, whole), *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)  # each rank dies at its 3rd forward: task 1, step 3, after the step-2 checkpoint
+    args, run = [f"distributed={engine}", *AGFT, *KILLABLE], tmp_path / "run"
+    # each rank dies at its 3rd forward: task 1, step 3, after the step-2 checkpoint
     proc = torchrun(*tiny_overrides(conf, run), *args, cwd=tmp_path,
-                    entry=[str(script), "aglcl.engine.loop", "lm_forward", "3", "*", "train"])
+                    before=lambda: plant("aglcl.engine.loop", "lm_forward", 3, "*"))
     assert proc.returncode != 0 and not (run / "results.json").exists()
     state = json.loads((run / "state.json").read_text())
     assert state["step_checkpoint"] == "checkpoint/task_0_step_2", state
     proc = torchrun(*tiny_overrides(conf, run), *args, "resume=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = _results(whole), _results(run)
+    a, b = _results(unbroken(engine)), _results(run)
     assert a["R"] == b["R"] and a["metrics"] == b["metrics"]
     assert [a["train"][t]["loss"] for t in a["tasks"]] == [b["train"][t]["loss"] for t in b["tasks"]]
 
@@ -106,18 +101,16 @@ def test_fsdp2_refuses_methods_with_whole_tensor_state(conf, tmp_path):
     assert proc.returncode != 0 and "does not support distributed=fsdp2" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path):
-    run = tmp_path / "run"
-    proc = torchrun(*tiny_overrides(conf, run), "distributed=fsdp2", *AGFT, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_fsdp2_trains_the_sequence_with_agft(conf, tmp_path, unbroken):
+    run = unbroken("fsdp2")
     results = _results(run)
     assert len(results["R"]) == 2 and results["metrics"]["op"] is not None
     assert (run / "importance" / "combined.safetensors.index.json").is_file()
-    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["task_1"]  # step checkpoints pruned
     # activation checkpointing recomputes the forward in backward: the same numbers, less memory
     ckpt = tmp_path / "ckpt"
     proc = torchrun(*tiny_overrides(conf, ckpt), "distributed=fsdp2", "distributed.activation_checkpointing=true",
-                    *AGFT, cwd=tmp_path)
+                    *AGFT, *KILLABLE, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     again = _results(ckpt)
     assert again["R"] == results["R"]
@@ -163,29 +156,13 @@ def test_deepspeed_runs_in_one_process_without_a_launcher(conf, tmp_path):
 
 
 def test_ddp_shards_the_data_over_ranks(conf, tmp_path):
-    """One epoch under 2 ranks is half the optimizer steps of one process: each rank sees its own batches."""
+    """One epoch under 2 ranks is half the optimizer steps of one process: each rank sees its own batches.
+    (The ``torchrun`` binary itself, each rank a fresh interpreter; the other tests fork their ranks.)"""
     args = ["trainer.max_steps=null", "trainer.epochs=1", "method=seqft", "stop_after=1"]
-    single = run_cli("train", *tiny_overrides(conf, tmp_path / "one"), *args, cwd=tmp_path)
-    assert single.returncode == 0, single.stderr[-3000:]
-    proc = torchrun(*tiny_overrides(conf, tmp_path / "two"), "distributed=ddp", *args, cwd=tmp_path)
+    train(conf, tmp_path / "one", *args)  # one process, in this one
+    proc = torchrun(*tiny_overrides(conf, tmp_path / "two"), "distributed=ddp", *args, cwd=tmp_path, fresh=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "state.json").read_text())["train"]
     two = json.loads((tmp_path / "two" / "state.json").read_text())["train"]
     task = next(iter(one))
     assert one[task]["steps"] > 1 and two[task]["steps"] == -(-one[task]["steps"] // 2)
-
-
-@pytest.mark.parametrize(("args", "needle"), [
-    (["distributed=deepspeed_zero3", "distributed.zero3_init=true"], "zero3_init=false"),
-    (["distributed=deepspeed_zero3", "method=ewc"], "whole-tensor"),
-    (["distributed=deepspeed_zero2", "method=migu"], ".grad"),
-    (["distributed=fsdp2", "distributed.cpu_offload=true"], "needs a GPU"),
-])
-def test_engine_refusals_are_one_line(conf, tmp_path, args, needle):
-    from aglcl.dist import has_accelerator
-
-    if needle == "needs a GPU" and has_accelerator():
-        pytest.skip("this machine has a GPU: FSDP2's CPU offload is allowed")
-    proc = run_cli("train", *tiny_overrides(conf, tmp_path / "run"), *args, cwd=tmp_path)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "state.json").exists()

@@ -1,8 +1,8 @@
 """Fault injection: kill -9 a run at many points, resume it, and get exactly the unbroken run's results.
 
-The killed runs are subprocesses (integration); the unbroken reference and every resume run in-process.
+The killed runs are child processes (integration); the unbroken reference and every resume run in-process.
 
-Each killed run is ``python -m aglcl train`` with one function wrapped so that its n-th matching call
+Each killed run is ``aglcl train`` in a forked child (conftest.run_cli) with one function wrapped so that its n-th matching call
 sends SIGKILL to the process (no cleanup, no atexit, no flush): mid-task, during evaluation, during
 attribution, between writing a temp file and renaming it (importance map, checkpoint, state.json).
 """
@@ -13,46 +13,40 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 from conftest import (
-    REPO,
     assert_resumes_like_unbroken,
     make_fixture_conf,
     refused,
-    require_integration,
+    run_cli,
     tiny_overrides,
     train,
 )
 
-KILLER = """
-import functools, importlib, os, signal, sys
-module, attr, nth, match = sys.argv[1:5]
-sig = getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL"))
-if sig == signal.SIGINT:  # as in a terminal: a launcher in the background (`make test &`) may ignore SIGINT
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-owner = importlib.import_module(module)
-*path, name = attr.split(".")
-for part in path:
-    owner = getattr(owner, part)
-original = getattr(owner, name)
-calls = 0
 
-@functools.wraps(original)
-def wrapped(*args, **kwargs):
-    global calls
-    if match == "*" or str(args[-1]).endswith(match):
-        calls += 1
-        if calls == int(nth):
-            os.kill(os.getpid(), sig)
-    return original(*args, **kwargs)
+def plant(module: str, attr: str, nth, match: str, sig: str = "SIGKILL") -> None:
+    """Wrap ``module.attr`` so that its ``nth`` call whose last positional argument ends with ``match``
+    (``*``: any call) sends ``sig`` to this process: no cleanup, no atexit, no flush under SIGKILL."""
+    import functools
+    import importlib
 
-setattr(owner, name, wrapped)
-from aglcl.cli import main
-main(sys.argv[5:])
-"""
+    signum = getattr(signal, sig)
+    owner = importlib.import_module(module)
+    *path, name = attr.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    original, calls = getattr(owner, name), [0]
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        if match == "*" or str(args[-1]).endswith(match):
+            calls[0] += 1
+            if calls[0] == int(nth):
+                os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
 
 # Two tasks x 4 steps, a mid-task checkpoint every 2 steps, AGFT (cheap estimator: maps get written) plus
 # replay (method state gets written).
@@ -85,13 +79,9 @@ def unbroken(conf, tmp_path_factory):
 
 
 def _killed(conf, run, cwd, module, attr, nth, match, sig="SIGKILL"):
-    require_integration("a killed run")
-    script = cwd / "killer.py"
-    script.write_text(KILLER)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "AGLCL_OUTPUT_DIR": str(cwd / "outputs"), "KILL_SIGNAL": sig}
-    return subprocess.run([sys.executable, str(script), module, attr, str(nth), match, "train",
-                           *tiny_overrides(conf, run), *ARGS], cwd=cwd, env=env, text=True, capture_output=True,
-                          timeout=300)
+    """``aglcl train`` (forked) with the fault planted; returns the completed process."""
+    return run_cli("train", *tiny_overrides(conf, run), *ARGS, cwd=cwd,
+                   before=lambda: plant(module, attr, nth, match, sig))
 
 
 @pytest.mark.integration

@@ -1,19 +1,16 @@
 """The hook contract under every engine: a method that overrides every hook gets each one called at its
 documented rate (docs/design.md, "Hook contract"), or the combination is refused before training.
 
-No engine runs in-process; DeepSpeed ZeRO-2/3 (a one-rank group) in a subprocess of its own, since DeepSpeed's
-group outlives the run; DDP and FSDP2 under torchrun with 2 processes (integration).
+No engine runs in-process; DeepSpeed ZeRO-2/3 (a one-rank group) in a forked child of its own, since
+DeepSpeed's group outlives the run; DDP and FSDP2 under torchrun with 2 processes (integration).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, require_integration, tiny_overrides, train
+from conftest import run_cli, tiny_overrides, torchrun, train
 
 from aglcl.methods.base import HOOKS, Method
 
@@ -49,18 +46,13 @@ def test_every_hook_is_called_without_an_engine(conf, tmp_path):
 def test_every_hook_is_called_under_every_engine(conf, tmp_path, engine):
     if engine.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
-    from test_distributed_cli import torchrun
-
     args = [*tiny_overrides(conf, tmp_path / "run"), *ARGS, f"+method.out={tmp_path / 'counts'}",
             f"distributed={engine}"]
     ranks = 1 if engine.startswith("deepspeed") else 2
     if ranks == 1:
-        require_integration("a subprocess")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-        proc = subprocess.run([sys.executable, "-m", "aglcl", "train", *args], cwd=tmp_path, env=env, text=True,
-                              capture_output=True, timeout=300)
+        proc = run_cli("train", *args, cwd=tmp_path)  # a child of its own: the one-rank group dies with it
     else:
-        proc = torchrun(*args, cwd=tmp_path, path=(REPO / "tests",))  # the probe lives in tests/plugins
+        proc = torchrun(*args, cwd=tmp_path)  # the probe lives in tests/plugins, on the ranks' sys.path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _counts(tmp_path / "counts", ranks=ranks) == EXPECTED
 

@@ -1,8 +1,8 @@
-"""Model + tokenizer construction: tiny test model, local / hub / packaged loading, error messages."""
+"""Model + tokenizer construction: tiny test model, local / hub / packaged loading, error messages.
+(The packaged SmolLM2 itself: test_default_experiment.)"""
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -135,46 +135,6 @@ def test_missing_package(monkeypatch, tmp_path):
     monkeypatch.setitem(PACKAGED, "ghost", ("aglcl_no_such_package", "x.gguf"))
     with pytest.raises(AglclError, match="package 'aglcl_no_such_package' is not installed"):
         resolve_packaged("ghost", tmp_path)
-
-
-@pytest.mark.slow
-def test_packaged_smollm2(tmp_path):
-    pytest.importorskip("gguf")
-    t0 = time.perf_counter()
-    path = resolve_packaged("smollm2-135m-instruct", tmp_path)
-    convert_s = time.perf_counter() - t0
-    assert path == (tmp_path / "models" / "smollm2-135m-instruct").resolve()
-    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
-    assert "quantization_config" not in (path / "config.json").read_text()
-    assert [p.name for p in path.parent.iterdir()] == ["smollm2-135m-instruct"]  # no temp dir left
-
-    t0 = time.perf_counter()
-    model, tok = load_causal_lm("packaged://smollm2-135m-instruct", cache_dir=tmp_path)
-    load_s = time.perf_counter() - t0
-    assert load_s < convert_s
-    assert model.dtype == torch.float32 and not getattr(model, "is_quantized", False)
-    assert tok.pad_token is not None and tok.chat_template
-
-    tok.padding_side = "left"
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    batch = tok([prompt], return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
-    assert out.shape[1] == batch["input_ids"].shape[1] + 2
-
-    model.train()
-    ids = tok(["The capital of France is Paris."], return_tensors="pt")["input_ids"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
 
 
 def test_missing_smollm2_package_message(monkeypatch, tmp_path):

@@ -125,15 +125,10 @@ except AglclError as exc:
 def test_deepspeed_engine_skips_or_stops_on_a_nan_loss(policy, tmp_path):
     """DeepSpeed's own overflow check drops the poisoned step; the policy then counts it or stops the task."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import run_python
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", _DEEPSPEED_POISON, policy], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_python(_DEEPSPEED_POISON, policy, cwd=tmp_path)  # a child of its own: DeepSpeed's group dies with it
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if policy == "skip":

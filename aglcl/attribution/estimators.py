@@ -141,11 +141,12 @@ class _Reducer:
                 dist.all_reduce_(s, "max" if self.how == "max" else "sum")
 
     def result(self) -> dict[str, torch.Tensor]:
+        """The reduced map, float32 on CPU; call once (``mean`` divides its sums in place)."""
         n = max(self.count, 1)
         if self.how == "topk_mean":  # sorted, so the sum does not depend on the buffer's slot order
             out = {k: s.sort(0).values.sum(0) / min(self.topk, n) for k, s in self.state.items()}
         else:
-            out = {k: s / n if self.how == "mean" else s for k, s in self.state.items()}
+            out = {k: s.div_(n) if self.how == "mean" else s for k, s in self.state.items()}  # in place: 8 B/weight
         return {k: v.float().cpu() for k, v in out.items()}
 
 

@@ -32,6 +32,7 @@ Combination rules, ``R̄_new = combine(R̄_prev, R_t)``:
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -54,7 +55,7 @@ def block_key(name: str) -> str:
 
 def check_finite(name: str, t: Tensor, where: str = "importance map") -> None:
     """Raise :class:`AglclError` naming ``name`` if ``t`` holds NaN or inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all(map(math.isfinite, map(float, torch.aminmax(t)))):
         raise AglclError(f"{where}: parameter {name!r} contains NaN or inf values")
 
 
