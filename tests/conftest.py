@@ -274,12 +274,15 @@ def _warm() -> None:
 
 
 def _save_coverage() -> None:
-    """Under ``make coverage`` the child's lines are saved too (``os._exit`` skips coverage's atexit)."""
+    """Under ``make coverage`` a forked child's lines are saved too, to a data file of its own that the run
+    combines (coverage's ``patch=fork`` restarts measuring in the child; ``os._exit`` skips its atexit save)."""
     coverage = sys.modules.get("coverage")
     cov = coverage.Coverage.current() if coverage is not None else None
     if cov is not None:
         cov.stop()
-        cov.save()
+        own = coverage.CoverageData(basename=os.path.abspath(cov.config.data_file), suffix=True)
+        own.update(cov.get_data())
+        own.write()
 
 
 @pytest.fixture(scope="session")

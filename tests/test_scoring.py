@@ -93,3 +93,55 @@ def test_answer_only_forward_matches_the_library_loss(tiny):
     ref = model(**batch)
     assert torch.allclose(ours.loss, ref.loss, atol=1e-5)
     assert ours.logits.shape[1] < ref.logits.shape[1]  # only answer positions went through the head
+
+
+@pytest.mark.parametrize("scorer", [LabelLikelihood(), GreedyGeneration(max_new_tokens=3)], ids=["labels", "generation"])
+def test_length_batches_give_each_example_its_own_prediction(tiny, scorer):
+    """Batched by length (longest first), predictions still come back in the examples' order: the same as
+    scoring every example alone."""
+    from aglcl.data.scoring import by_length
+
+    model, tok = tiny
+    task = Task(name="t", template="{prompt}", answer_prefix=" ", metric="accuracy", scoring=None,
+                train=[{"prompt": "x", "answer": "yes"}, {"prompt": "y", "answer": "no"}])
+    examples = [{"prompt": "Q " * n + f"{n}:", "answer": "yes"} for n in (1, 9, 3, 12, 2, 7, 5)]
+    batched, _ = scorer(model, tok, task, examples, batch_size=3, max_length=64)
+    alone = [scorer(model, tok, task, [ex], batch_size=1, max_length=64)[0][0] for ex in examples]
+    assert batched == alone
+    # lengths 12, 9, 7 | 5, 3, 2 | 1: each batch pads to its own longest prompt
+    assert by_length([["a"] * n for n in (1, 9, 3, 12, 2, 7, 5)], 3) == [[3, 1, 5], [6, 2, 4], [0]]
+
+
+def test_eval_precision_overrides_the_training_autocast_and_puts_it_back():
+    """Under ``trainer.precision=bf16`` accelerate autocasts the model's forward: ``auto`` keeps that, ``fp32``
+    scores without it (the plain fp32 forward, exactly), ``bf16`` with a bf16 autocast; it is back afterwards."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from aglcl.engine.config import TrainerConfig
+    from aglcl.engine.evaluate import scoring_precision
+    from aglcl.errors import AglclError
+
+    model, tok = build_tiny(seed=3)
+    model.eval()
+    ids = tok(["Is 4 even or odd? Answer:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(input_ids=ids).logits.float()
+        try:
+            prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+            trained = prepared(input_ids=ids).logits
+            assert not torch.equal(trained, plain)  # the training autocast is on
+            got = {}
+            for precision in ("auto", "fp32", "bf16"):
+                with scoring_precision(prepared, precision):
+                    got[precision] = prepared(input_ids=ids).logits.float()
+            assert torch.equal(prepared(input_ids=ids).logits, trained)  # the wrapper is back
+        finally:
+            AcceleratorState._reset_state(True)
+    assert torch.equal(got["auto"], trained.float())
+    assert torch.equal(got["fp32"], plain)
+    assert torch.allclose(got["bf16"], half, atol=0.05)
+    with pytest.raises(AglclError, match=r"trainer.eval_precision='fp16' is invalid; choose from: .*fp32"):
+        TrainerConfig(eval_precision="fp16")

@@ -58,6 +58,13 @@ def label_ids(tokenizer, task, labels: list[str], max_length: int) -> list[list[
     return ids
 
 
+def by_length(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Batches of indices into ``prompts``, longest first, each of similar lengths: less padding than in
+    the given order. The order is fixed by the lengths (ties by index), so a run reproduces."""
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _context(tokenizer, prompt: str, budget: int) -> list[int]:
     """:func:`encode_prompt`, or one BOS (else EOS) token for a prompt that encodes to no tokens at all."""
     ids = encode_prompt(tokenizer, prompt, budget)
@@ -69,7 +76,8 @@ class LabelLikelihood:
     """Pick the label with the highest (optionally length-normalised) log-probability.
 
     Each prompt is run once; its KV cache is then repeated for the K labels, so scoring costs
-    about one forward pass per example rather than K.
+    about one forward pass per example rather than K. Prompts are batched by length (:func:`by_length`);
+    predictions come back in the examples' order.
     """
 
     def __init__(self, labels: list[str] | None = None, normalize: bool = False):
@@ -83,13 +91,14 @@ class LabelLikelihood:
         ids = label_ids(tokenizer, task, labels, max_length)  # refuses a label that leaves no prompt budget
         budget = max_length - max(len(x) for x in ids)
         lengths = torch.tensor([len(x) for x in ids], dtype=torch.float)
-        predictions = []
-        for start in range(0, len(examples), batch_size):
-            prompts = [_context(tokenizer, ex["prompt"], budget) for ex in examples[start : start + batch_size]]
-            total = label_logprobs(model, tokenizer.pad_token_id, prompts, ids).cpu()
+        prompts = [_context(tokenizer, ex["prompt"], budget) for ex in examples]
+        predictions: list = [None] * len(examples)
+        for rows in by_length(prompts, batch_size):
+            total = label_logprobs(model, tokenizer.pad_token_id, [prompts[i] for i in rows], ids).cpu()
             if self.normalize:
                 total = total / lengths
-            predictions += [labels[i] for i in total.argmax(-1).tolist()]
+            for i, k in zip(rows, total.argmax(-1).tolist()):
+                predictions[i] = labels[k]
         scores = [score(metric, p, ex) for p, ex in zip(predictions, examples)]
         return predictions, scores
 
@@ -159,8 +168,9 @@ class Generation:
     ``temperature`` 0 decodes greedily; above 0 it samples (with ``top_p``), as TRACE does at 0.1.
     ``extract`` picks the scored part of the output: ``none``, ``first_line``, ``first_word`` (e.g. a
     class label) or ``regex`` (group 1 of ``pattern``). A prompt longer than ``max_length`` tokens is cut
-    in the middle, as for training. Sampling draws from torch's global RNG, which the runner seeds per
-    task, so a run is reproducible.
+    in the middle, as for training. Prompts are batched by length (:func:`by_length`); predictions come
+    back in the examples' order. Sampling draws from torch's global RNG, which the runner seeds per task,
+    so a run is reproducible.
     """
 
     def __init__(self, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
@@ -192,10 +202,11 @@ class Generation:
             raise AglclError(f"trainer.max_length={max_length} is invalid: must be >= 1")
         metric = get_scorer(task.metric)
         device = next(model.parameters()).device
-        predictions = []
-        for start in range(0, len(examples), batch_size):
-            # the prompt is cut as in training (head and tail kept), then left-padded
-            prompts = [_context(tokenizer, ex["prompt"], max_length) for ex in examples[start : start + batch_size]]
+        # the prompt is cut as in training (head and tail kept), then left-padded
+        everyone = [_context(tokenizer, ex["prompt"], max_length) for ex in examples]
+        predictions: list = [None] * len(examples)
+        for rows in by_length(everyone, batch_size):
+            prompts = [everyone[i] for i in rows]
             width = max(len(p) for p in prompts)
             ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -210,7 +221,8 @@ class Generation:
                 **self._decode_kwargs(),
             )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            predictions += [extract_answer(t, self.extract, self.pattern) for t in texts]
+            for i, t in zip(rows, texts):
+                predictions[i] = extract_answer(t, self.extract, self.pattern)
         scores = [score(metric, p, ex) for p, ex in zip(predictions, examples)]
         return predictions, scores
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aglcl.errors import AglclError, choices
 
 PRECISIONS = ("bf16", "fp16", "no")
+EVAL_PRECISIONS = ("auto", "fp32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -27,6 +28,7 @@ class TrainerConfig:
     seed: int = 0
     max_length: int = 128
     eval_batch_size: int = 16
+    eval_precision: str = "auto"
     log_every: int = 5
     nan_policy: str = "stop"
 
@@ -46,6 +48,9 @@ class TrainerConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         if self.precision not in PRECISIONS:
             raise AglclError(f"trainer.precision={self.precision!r} is invalid; choose from: {choices(PRECISIONS)}")
+        if self.eval_precision not in EVAL_PRECISIONS:
+            raise AglclError(f"trainer.eval_precision={self.eval_precision!r} is invalid; choose from: "
+                             f"{choices(EVAL_PRECISIONS)}")
         if self.nan_policy not in NAN_POLICIES:
             raise AglclError(f"trainer.nan_policy={self.nan_policy!r} is invalid; choose from: {choices(NAN_POLICIES)}")
         from transformers import SchedulerType
