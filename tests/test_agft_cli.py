@@ -35,6 +35,9 @@ def test_agft_writes_per_task_and_combined_maps(agft_run):
         assert torch.allclose(value, torch.maximum(first[name], second[name]), atol=1 / 255 + 1e-6)
     results = json.loads((run / "results.json").read_text())
     assert set(results["timings"]["attribution_s"]) == {"parity", "sign"}
+    stages = results["timings"]["eval_s_by_stage"]  # each evaluation stage, the initial model's first
+    assert list(stages) == ["initial", "parity", "sign"]
+    assert sum(stages.values()) == pytest.approx(results["timings"]["eval_s"])
     assert results["method"] == "aglcl.methods.agft.AGFT"
 
 

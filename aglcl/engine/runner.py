@@ -64,7 +64,8 @@ class RunState:
     R: list[list[float]] = field(default_factory=list)
     b: list[float] | None = None  # None until the initial evaluation is done
     stats: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=lambda: {"train_s": {}, "eval_s": 0.0, "attribution_s": {}})
+    timings: dict = field(default_factory=lambda: {"train_s": {}, "eval_s": 0.0, "eval_s_by_stage": {},
+                                                   "attribution_s": {}})
     task_ckpt: str | None = None  # the last task checkpoint, relative to the run dir
     step_ckpt: str | None = None  # a mid-task checkpoint to resume from, if any
     first: int = 0  # the task index this process starts at
@@ -134,7 +135,7 @@ class SequenceRun:
             start = time.perf_counter()
             self.state.b = evaluate_all(self.bare, self.tokenizer, self.tasks, self.trainer, self.run_dir, 0,
                                         rundir.INITIAL)
-            self.state.timings["eval_s"] += time.perf_counter() - start
+            self._eval_time(rundir.INITIAL, time.perf_counter() - start)
             self.write_state(self.state.first)
         log.info("%d tasks %s, method %s, run dir %s", len(self.tasks), self.names, type(self.method).__name__,
                  self.run_dir)
@@ -236,9 +237,14 @@ class SequenceRun:
         start = time.perf_counter()
         self.state.R.append(evaluate_all(self.bare, self.tokenizer, self.tasks, self.trainer, self.run_dir,
                                          index + 1, self.names[index]))
-        self.state.timings["eval_s"] += time.perf_counter() - start
+        self._eval_time(self.names[index], time.perf_counter() - start)
         log.info("after %s: %s", self.names[index],
                  "  ".join(f"{n} {s:.3f}" for n, s in zip(self.names, self.state.R[-1])))
+
+    def _eval_time(self, stage: str, seconds: float) -> None:
+        """Record one evaluation stage's seconds (``eval_s``: the total; ``eval_s_by_stage``: each stage)."""
+        self.state.timings["eval_s"] += seconds
+        self.state.timings.setdefault("eval_s_by_stage", {})[stage] = seconds  # (older states lack the key)
 
     def after_task(self, index: int) -> None:
         task = self.tasks[index]
