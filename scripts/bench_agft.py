@@ -7,6 +7,8 @@
   attention and MLP weights, λ = 1), interleaved after a warm-up: A B C A B C ... for ``--pairs`` rounds of
   ``--steps`` steps. Each round gives a ratio agft / seqft; the median ratio is reported with its min and max
   (interleaving cancels the drift a shared machine adds between whole runs).
+* The gate alone: update mode's ``after_step`` on a real AdamW state, timed by itself (median), as a share of
+  a seqft step: the overhead without the whole-step noise around it.
 * The gate's traffic: bytes the update gate reads and writes per step (gates, weights, Adam state) and what
   that costs at this machine's measured copy bandwidth: the physical floor of the overhead.
 * Attribution: one pass of each estimator at its shipped defaults (conf/attribution/*.yaml), as a
@@ -95,6 +97,22 @@ def main() -> None:
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     gate_bytes = sum(g.numel() * g.element_size() for _, g in method._gates)
     largest = max(p.numel() * 4 * 2 for p, _ in method._gates)  # denom + recovered θ_old for one tensor
+    # the gate's own time: AGFT's after_step on AdamW state, timed alone (no whole-step noise around it)
+    gated_params = [p for p, _ in method._gates]
+    adamw = torch.optim.AdamW(gated_params, lr=1e-5)
+    for p in gated_params:
+        p.grad = torch.randn_like(p).mul_(1e-3)
+    adamw.step()
+    for p in gated_params:
+        p.grad = None
+    gate_times = []
+    for _ in range(args.pairs + 1):
+        start = time.perf_counter()
+        method.after_step(model, adamw)
+        gate_times.append(time.perf_counter() - start)
+    gate_s = statistics.median(gate_times[1:])
+    print(f"gate alone (update mode, after_step on AdamW state, median of {args.pairs}): {gate_s * 1e3:.0f} ms "
+          f"= {gate_s / (base / args.steps):.1%} of a seqft step")
     gated = sum(p.numel() for p, _ in method._gates)
     # update mode per step: read the gate, read m, v and θ to recover the step, write θ (fp32 weights and state)
     traffic = gate_bytes + gated * 4 * 4

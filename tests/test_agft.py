@@ -187,3 +187,27 @@ def test_controls_keep_the_mean_gate(control):
         m.before_task(1, None, model)
     assert ctl.mean_gate() == pytest.approx(plain.mean_gate(), abs=1e-5)
     assert not torch.equal(ctl._gates[0][1], plain._gates[0][1])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(300, 200), (7, 5)], ids=["matrix", "small"])
+def test_the_recovered_adam_step_equals_the_observed_step(wd, shape):
+    """Update mode recovers θ_old − θ_new from AdamW's state (no snapshot of the weights): shrinking it by a
+    bf16 gate gives what shrinking the step seen between a snapshot and the stepped weights gives, for
+    contiguous and transposed weights."""
+    from aglcl.methods.agft import _adam_step
+
+    gen = torch.Generator().manual_seed(0)
+    for transposed in (False, True):
+        w = torch.randn(shape, generator=gen)
+        param = torch.nn.Parameter(w.t() if transposed else w)
+        optimizer = torch.optim.AdamW([param], lr=1e-2, weight_decay=wd)
+        held = torch.rand(param.shape, generator=gen).to(torch.bfloat16)
+        for _ in range(3):
+            param.grad = torch.randn(param.shape, generator=gen)
+            old = param.detach().clone()
+            optimizer.step()
+            new = param.detach().clone()
+            with torch.no_grad():
+                param.addcmul_(_adam_step(param, optimizer.param_groups[0], optimizer.state[param]), held)
+            torch.testing.assert_close(param.detach(), new + held.float() * (old - new), atol=1e-6, rtol=1e-5)

@@ -9,6 +9,7 @@ import torch
 
 from aglcl import dist, rundir
 
+
 @contextlib.contextmanager
 def scoring_precision(model, precision: str):
     """Score under ``trainer.eval_precision``: ``auto`` | ``fp32`` | ``bf16``.
