@@ -101,9 +101,8 @@ def main() -> None:
     for r in rows:
         t = r["timings"]
         train_s, attr_s, wall = sum(t["train_s"].values()), sum(t["attribution_s"].values()), t["wall_s"]
-        stages = t.get("eval_s_by_stage", {})
-        per_stage = statistics.mean(stages.values()) if stages else t["eval_s"] / (r["T"] + 1)
-        last = list(stages.values())[-1] if stages else float("nan")
+        stages = list(t["eval_s_by_stage"].values())  # the initial model's, then one after each task
+        per_stage, last = statistics.mean(stages), stages[-1]
         r["summary"] = {"train_s_per_task": train_s / r["T"], "eval_s_per_stage": per_stage, "last_eval_s": last,
                         "attribution_s_per_task": attr_s / max(len(t["attribution_s"]), 1),
                         "train_share": train_s / wall, "eval_share": t["eval_s"] / wall,

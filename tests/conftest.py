@@ -114,7 +114,7 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, before=None, target=None, fr
     binary itself (``python -m torch.distributed.run``), each rank a new interpreter.
     """
     require_integration("torchrun")
-    env = {**_child_env(cwd), "OMP_NUM_THREADS": "1"}
+    env = _child_env(cwd)
     env.pop("AGLCL_LAUNCH_TIME", None)
     port = free_port()
     if fresh:
@@ -144,7 +144,7 @@ def run_python(script: str | Path, *args: str, cwd: Path, timeout: int = 300) ->
         argv, main = [str(script), *args], functools.partial(runpy.run_path, str(script), run_name="__main__")
     else:
         argv, main = ["-c", *args], functools.partial(exec, script, {"__name__": "__main__"})
-    return forked(argv, main, cwd, {**_child_env(cwd), "OMP_NUM_THREADS": "1"}, timeout)
+    return forked(argv, main, cwd, _child_env(cwd), timeout)
 
 
 def free_port() -> int:
@@ -168,9 +168,9 @@ def _cli(argv: list[str], before=None) -> None:
 
 
 def _rank(program, before) -> None:
-    """A forked rank: fresh run state, ``before()``, then ``program()``; its coverage is saved."""
+    """A forked rank (of the launcher child, whose state forked() reset): ``before()``, then ``program()``;
+    its coverage is saved."""
     try:
-        _fresh_state()
         if before is not None:
             before()
         program()
@@ -260,6 +260,7 @@ WARM = ("transformers.models.llama.modeling_llama", "transformers.generation", "
         "matplotlib.pyplot", "hydra.core.plugins", "safetensors.torch", "rich.console")
 
 
+@functools.cache
 def _warm() -> None:
     import importlib
     import pkgutil

@@ -1,4 +1,4 @@
-"""The packaged SmolLM2 (converted from its GGUF once per module) and the embedded default experiment on it
+"""The packaged SmolLM2 (converted from its GGUF once per session) and the embedded default experiment on it
 (the three offline tasks), two steps per task."""
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ def cache(tmp_path_factory):
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smollm2_cache"  # this session's
     took = root.parent / "smollm2_convert_s.txt"
     with FileLock(f"{root}.lock"):
-        if not took.is_file():
-            t0 = time.perf_counter()
-            resolve_packaged("smollm2-135m-instruct", root)
+        first, t0 = not took.is_file(), time.perf_counter()
+        path = resolve_packaged("smollm2-135m-instruct", root)  # converts the first time, else finds it
+        if first:
             took.write_text(str(time.perf_counter() - t0))
-        path = resolve_packaged("smollm2-135m-instruct", root)
     return root, path, float(took.read_text())
 
 

@@ -96,18 +96,24 @@ def test_answer_only_forward_matches_the_library_loss(tiny):
 
 
 @pytest.mark.parametrize("scorer", [LabelLikelihood(), GreedyGeneration(max_new_tokens=3)], ids=["labels", "generation"])
-def test_length_batches_give_each_example_its_own_prediction(tiny, scorer):
+def test_length_batches_give_each_example_its_own_prediction(tiny, scorer, monkeypatch):
     """Batched by length (longest first), predictions still come back in the examples' order: the same as
-    scoring every example alone."""
+    scoring every example alone. (The tiny model gives one label to every prompt, so label scoring here
+    prefers the label picked by the prompt's length: a mix-up of rows shows.)"""
+    from aglcl.data import scoring
     from aglcl.data.scoring import by_length
 
+    def by_prompt_length(model, pad_id, prompts, labels):
+        return torch.tensor([[float(len(p) % 2 == k) for k in range(len(labels))] for p in prompts])
+
+    monkeypatch.setattr(scoring, "label_logprobs", by_prompt_length)
     model, tok = tiny
     task = Task(name="t", template="{prompt}", answer_prefix=" ", metric="accuracy", scoring=None,
                 train=[{"prompt": "x", "answer": "yes"}, {"prompt": "y", "answer": "no"}])
     examples = [{"prompt": "Q " * n + f"{n}:", "answer": "yes"} for n in (1, 9, 3, 12, 2, 7, 5)]
     batched, _ = scorer(model, tok, task, examples, batch_size=3, max_length=64)
     alone = [scorer(model, tok, task, [ex], batch_size=1, max_length=64)[0][0] for ex in examples]
-    assert batched == alone
+    assert batched == alone and len(set(batched)) > 1
     # lengths 12, 9, 7 | 5, 3, 2 | 1: each batch pads to its own longest prompt
     assert by_length([["a"] * n for n in (1, 9, 3, 12, 2, 7, 5)], 3) == [[3, 1, 5], [6, 2, 4], [0]]
 

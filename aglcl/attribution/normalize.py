@@ -14,7 +14,8 @@ Normalisers, for a group ``x`` of ``n`` elements:
   zeros, common in raw maps (unused embedding rows, LoRA's ``B = 0``), therefore stays at 0 instead of
   receiving mid-range protection; a constant group gives zeros, as with ``minmax``; ``n = 1`` gives 0.
   The maximum is 1 exactly when the largest value is unique. Exactly (``attribution.exact_rank=true``): O(n log n),
-  one ``torch.sort`` per tensor. By default, O(n) to within 1/1024 (:func:`_rank_fast`: counts over the floats' bits), finer than the uint8 store's 1/255.
+  one ``torch.sort`` per tensor. By default, O(n) to within 1/1024 (:func:`_rank_fast`: counts over the
+  floats' bits), finer than the uint8 store's 1/255.
 - ``ztanh``: ``|tanh((x - mean x) / std x)|`` with the population std; ``std = 0`` gives zeros.
   Note this is not monotone in ``x``: values far *below* the mean also score high.
 

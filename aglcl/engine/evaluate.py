@@ -15,7 +15,7 @@ def scoring_precision(model, precision: str):
     """Score under ``trainer.eval_precision``: ``auto`` | ``fp32`` | ``bf16``.
 
     ``auto`` scores as training runs: under accelerate's autocast for ``trainer.precision=bf16`` (on this
-    CPU 1.6-2.0x the examples/s of fp32, scripts/bench_scoring.py; the usual choice on GPUs too), in the
+    CPU 1.6-2.3x the examples/s of fp32, scripts/bench_scoring.py; the usual choice on GPUs too), in the
     weights' dtype for ``trainer.precision=no``. ``fp32`` and ``bf16`` force one: the training autocast
     accelerate puts on the model's ``forward`` is taken off while scoring (and put back on exit), and
     ``bf16`` adds a bf16 autocast of its own.
