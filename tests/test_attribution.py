@@ -302,24 +302,46 @@ def test_lrp_conserves_relevance_on_gated_block():
         torch.testing.assert_close((w * w.grad).sum(), (z * z.grad).sum(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_lrp_forward_unchanged_and_undone(family):
+def test_lrp_forward_unchanged_and_undone(family, impl):
     model = llama()[0] if family == "llama" else gpt2()
+    model.config._attn_implementation = impl
     ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 11, 12, 0, 0, 0]])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
     before = model(input_ids=ids, attention_mask=mask).logits
     with lrp_rules(model):
-        assert model.config._attn_implementation == ATTN_NAME
+        assert model.config._attn_implementation == (ATTN_NAME if impl == "eager" else f"{ATTN_NAME}_{impl}")
         inside = model(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-5)  # sdpa vs eager-style matmuls
-    model.config._attn_implementation = "eager"
-    assert torch.equal(inside, model(input_ids=ids, attention_mask=mask).logits)  # bit-exact vs eager
-    model.config._attn_implementation = "sdpa"
+    assert torch.equal(inside, before)  # bit-exact: the model's own attention kernel, the same mask
     with pytest.raises(RuntimeError, match="boom"), lrp_rules(model):
         raise RuntimeError("boom")
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == impl
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lrp_fused_attention_gives_the_eager_rules_relevance(family):
+    """The fused kernel with gradient scales (1/4 q, 1/4 k, 1/2 v) and the uniform rule written out in eager
+    matmuls give the same weight relevance (llama: GQA, 4 heads over 2 kv heads; padded rows)."""
+    model = llama()[0] if family == "llama" else gpt2()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 11, 12, 13, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    grads = {}
+    for impl in ("sdpa", "eager"):
+        model.config._attn_implementation = impl
+        model.zero_grad(set_to_none=True)
+        with lrp_rules(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits[:, -3:].max(-1).values.sum().backward()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if "attn" in n and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, attention_mask=mask).logits[:, -3:].max(-1).values.sum().backward()
+    assert grads["sdpa"] and grads["sdpa"].keys() == grads["eager"].keys()
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(g, grads["eager"][name], rtol=1e-4, atol=1e-6)
+    assert not all(torch.allclose(g, model.get_parameter(n).grad) for n, g in grads["sdpa"].items())
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -21,8 +21,8 @@ One pass, the same for every estimator:
    ``transform``: ``none`` or ``log1p`` (``log(1 + c)``), and a streaming ``reduction`` over micro-batches:
    ``mean`` (running sum), ``max`` (running max) or ``topk_mean`` (mean of the ``topk`` largest values per
    element; a ``[topk, *shape]`` float32 buffer per parameter on its device, i.e. topk x the selected weights,
-   updated by replacing the buffer's minimum when the new value is larger; with fewer than ``topk`` samples it
-   is the mean of all of them).
+   kept sorted in descending order by inserting each new value with elementwise max/min, in place; with fewer
+   than ``topk`` samples it is the mean of all of them).
 
 Several processes (``conf/distributed``): with replicated weights (one process, DDP) the micro-batches are
 dealt round-robin over the ranks, run through the unwrapped module (no gradient all-reduce), and the reducer
@@ -115,12 +115,19 @@ class _Reducer:
                 self.state[name] = torch.zeros(shape, dtype=dtype, device=device)
 
     def add(self, name: str, c: torch.Tensor) -> None:
+        """Fold one sample's contribution ``c`` (>= 0) in; ``c`` may be overwritten."""
         s = self.state.get(name)
         if self.how == "topk_mean":
             if s is None:
                 s = self.state[name] = torch.zeros((self.topk, *c.shape), dtype=c.dtype, device=c.device)
-            low, where = s.min(0, keepdim=True)  # c >= 0, so the zero fill is always displaced first
-            s.scatter_(0, where, torch.maximum(low, c.unsqueeze(0)))
+            # rows s[0] >= s[1] >= ...: each row keeps the larger of (row, c) and passes the smaller one down
+            # (zeros fill the rows at first, and c >= 0 displaces them)
+            spare = torch.empty_like(c) if self.topk > 1 else None
+            for row in s[:-1]:
+                torch.minimum(row, c, out=spare)
+                torch.maximum(row, c, out=row)
+                c, spare = spare, c
+            torch.maximum(s[-1], c, out=s[-1])
         elif s is None:
             self.state[name] = c.double() if self.how == "mean" else c.clone()
         elif self.how == "max":
@@ -143,8 +150,8 @@ class _Reducer:
     def result(self) -> dict[str, torch.Tensor]:
         """The reduced map, float32 on CPU; call once (``mean`` divides its sums in place)."""
         n = max(self.count, 1)
-        if self.how == "topk_mean":  # sorted, so the sum does not depend on the buffer's slot order
-            out = {k: s.sort(0).values.sum(0) / min(self.topk, n) for k, s in self.state.items()}
+        if self.how == "topk_mean":  # rows sorted, so the sum does not depend on the order samples came in
+            out = {k: s.sum(0).div_(min(self.topk, n)) for k, s in self.state.items()}
         else:
             out = {k: s.div_(n) if self.how == "mean" else s for k, s in self.state.items()}  # in place: 8 B/weight
         return {k: v.float().cpu() for k, v in out.items()}
@@ -217,7 +224,7 @@ class Estimator:
             if contribution is None:
                 continue
             for name, c in contribution.items():
-                reducer.add(name, torch.log1p(c) if self.transform == "log1p" else c)
+                reducer.add(name, c.log1p_() if self.transform == "log1p" else c)
             reducer.count += 1
         if split:
             reducer.sync()
@@ -242,7 +249,9 @@ class Estimator:
         return out
 
     def _score(self, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The non-negative contribution of one parameter (float32 ``w`` and its gradient ``g``)."""
+        """The non-negative contribution of one parameter (float32 ``w`` and its gradient ``g``), as a tensor
+        the pass may modify. ``g`` is the pass's own (the parameter's ``.grad`` is dropped): it may be
+        overwritten; ``w`` may be the weight itself: never."""
         raise NotImplementedError
 
     @staticmethod
@@ -275,7 +284,7 @@ class GradXWeight(Estimator):
     """``|g ⊙ W|``: first-order Taylor estimate of the target's change if the weight were removed."""
 
     def _score(self, w, g):
-        return (g * w).abs()
+        return g.mul_(w).abs_()
 
 
 class Fisher(Estimator):
@@ -288,7 +297,7 @@ class Fisher(Estimator):
         self.target = "gold_logprob"
 
     def _score(self, w, g):
-        return g * g
+        return g.square_()
 
 
 class MAS(Estimator):
@@ -300,7 +309,7 @@ class MAS(Estimator):
         return (per_example * weights).sum() / weights.sum()
 
     def _score(self, w, g):
-        return g.abs()
+        return g.abs_()
 
 
 class IntegratedGradients(Estimator):

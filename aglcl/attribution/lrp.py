@@ -24,14 +24,17 @@ attention mask do not.
 Every patched operation keeps its forward value bit-exact: it returns ``value.detach() + (s − s.detach())``
 where ``s`` is a surrogate with the rule's gradient (``_half(t)`` is ``t/2 + (t/2).detach()``).
 
-Attention goes through transformers' ``AttentionInterface``: we register ``"aglcl_lrp"`` (an eager attention
-with the uniform rule on both matmuls; GQA heads repeated, softmax in float32) and, so that the causal/padding
-mask is still built as an additive float mask, the eager mask under the same name in ``AttentionMaskInterface``.
-Both registrations stay (they are inert); ``config._attn_implementation`` is switched on every config of the
-model (``LlamaAttention`` and ``GPT2Attention`` in transformers 5.24 read ``self.config._attn_implementation``
-at each call) and restored on exit. GPT-2 uses the same interface in 5.24 (its ``reorder_and_upcast_attn``
-path is taken only under ``"eager"``). Patched module forwards are instance attributes, removed on exit, even
-on exceptions. Supported: Llama-family RMSNorm (checked against the original forward on first use; a
+Attention goes through transformers' ``AttentionInterface``. The uniform rule on ``Q·Kᵀ`` and ``A·V`` with the
+plain gradient through softmax is linear in the upstream gradient, so it equals the plain gradient scaled per
+operand: ``g̃(Q) = g(Q)/4``, ``g̃(K) = g(K)/4`` (half at ``Q·Kᵀ``, and half of ``A``'s gradient at ``A·V``),
+``g̃(V) = g(V)/2``. So for a model on a fused kernel (``sdpa``, flash, flex) we register ``"aglcl_lrp_<impl>"``,
+that kernel with those gradient scales on its inputs (forward bit-exact, and as fast as training's forward),
+with the kernel's own mask builder under the same name in ``AttentionMaskInterface``. A model on ``eager`` (or
+an implementation the registry lacks) gets ``"aglcl_lrp"``: an eager attention with the uniform rule written
+out (GQA heads repeated, softmax in float32) and the eager additive mask. The registrations stay (they are
+inert); ``config._attn_implementation`` is switched on every config of the model (``LlamaAttention`` and
+``GPT2Attention`` in transformers 5.24 read ``self.config._attn_implementation`` at each call) and restored on
+exit. Patched module forwards are instance attributes, removed on exit, even on exceptions. Supported: Llama-family RMSNorm (checked against the original forward on first use; a
 different formula such as Gemma's ``1 + weight`` raises), ``torch.nn.LayerNorm``, gated MLPs with
 ``gate_proj/up_proj/down_proj/act_fn``, activation modules from ``transformers.activations`` and ``torch.nn``.
 
@@ -164,13 +167,26 @@ def lrp_attention(module, query, key, value, attention_mask, scaling=None, dropo
     return out.transpose(1, 2).contiguous(), probs
 
 
-def _register() -> None:
+def _fused(attention):
+    """``attention`` (a registered kernel) with the uniform rule as gradient scales: 1/4 on q and k, 1/2 on v."""
+    def forward(module, query, key, value, attention_mask, **kwargs):
+        return attention(module, _half(_half(query)), _half(_half(key)), _half(value), attention_mask, **kwargs)
+
+    return forward
+
+
+def _register(impl) -> str:
+    """The attention name to switch a config on from ``impl`` (its current implementation), registered once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(ATTN_NAME, lrp_attention)
-        AttentionMaskInterface.register(ATTN_NAME, eager_mask)
+    fused = isinstance(impl, str) and impl in ALL_ATTENTION_FUNCTIONS and impl in ALL_MASK_ATTENTION_FUNCTIONS
+    name = f"{ATTN_NAME}_{impl}" if fused else ATTN_NAME
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _fused(ALL_ATTENTION_FUNCTIONS[impl]) if fused else lrp_attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl] if fused else eager_mask)
+    return name
 
 
 def _configs(model: nn.Module) -> list:
@@ -190,7 +206,6 @@ def lrp_rules(model: nn.Module, *, epsilon: float = 1e-6):
 
     ``epsilon`` is the zero guard of the identity rule (``|x| < epsilon`` uses act'(0)). Yields ``model``.
     """
-    _register()
     forwards, configs = [], []
     try:
         patched = {id(m) for m in model.modules() if _is_activation(m)}
@@ -209,7 +224,7 @@ def lrp_rules(model: nn.Module, *, epsilon: float = 1e-6):
             m.forward = new
         for c in _configs(model):
             configs.append((c, c._attn_implementation_internal))
-            c._attn_implementation_internal = ATTN_NAME
+            c._attn_implementation_internal = _register(c._attn_implementation_internal)
         yield model
     finally:
         for c, old in reversed(configs):
