@@ -83,6 +83,30 @@ def test_load_local_dir(tmp_path):
     assert half.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("accelerator, want", [(False, "eager"), (True, "sdpa")])
+def test_attn_implementation_auto(tmp_path, monkeypatch, accelerator, want):
+    """``auto``: eager on a CPU (faster here, scripts/bench_attention.py); transformers' own choice (sdpa for
+    Llama) when an accelerator is present. Same outputs either way."""
+    from aglcl import dist
+
+    model, tok = build_tiny()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    monkeypatch.setattr(dist, "has_accelerator", lambda: accelerator)
+    loaded, _ = load_causal_lm(tmp_path, attn_implementation="auto")
+    assert loaded.config._attn_implementation == want
+    batch = tok(["abc d"], return_tensors="pt")
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_attn_implementation():
+    with pytest.raises(AglclError) as info:
+        load_causal_lm("whatever", attn_implementation="fast")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("model.attn_implementation='fast' is not valid")
+    assert all(f"'{name}'" in msg for name in ("auto", "eager", "sdpa"))
+
+
 def test_load_local_dir_sets_missing_pad(tmp_path):
     model, tok = build_tiny()
     model.save_pretrained(tmp_path)

@@ -50,6 +50,22 @@ def _torch_dtype(dtype: str):
     return "auto" if key == "auto" else getattr(torch, key)
 
 
+def _attention(name: str | None) -> str | None:
+    """``model.attn_implementation`` resolved: ``auto`` is ``eager`` on a CPU and transformers' choice elsewhere."""
+    if name is None:
+        return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    valid = ("auto", "eager", *ALL_ATTENTION_FUNCTIONS.keys())
+    if name not in valid:
+        raise AglclError(f"model.attn_implementation={name!r} is not valid; choose from {choices(valid)} or null")
+    if name == "auto":
+        from aglcl import dist
+
+        return None if dist.has_accelerator() else "eager"
+    return name
+
+
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``namespace/name``; anything else that names a path is local."""
     return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
@@ -122,12 +138,15 @@ def load_causal_lm(
         gguf_file: load this GGUF file from the directory / repo (dequantised by transformers).
         cache_dir: where ``packaged://`` models are converted and cached (default
             :func:`default_cache_dir`). Hub downloads keep using the standard HF cache (``HF_HOME``).
-        attn_implementation: e.g. ``eager`` or ``sdpa``; ``None`` lets transformers choose.
+        attn_implementation: ``auto`` (``eager`` on a CPU, where it trains and scores faster than ``sdpa``
+            at this toolkit's lengths, ``scripts/bench_attention.py``; transformers' choice on an
+            accelerator), ``None`` (transformers' choice), or a name transformers knows (``eager``, ``sdpa``, ...).
 
     The tokenizer gets ``pad_token = eos_token`` when it has no pad token; ``padding_side`` is left
     as loaded, for the caller to set.
     """
     torch_dtype = _torch_dtype(dtype)  # validate before any slow work
+    attn_implementation = _attention(attn_implementation)
     source = str(name_or_path)
     label = source
 
