@@ -26,8 +26,16 @@ def tiny():
     return model.eval(), tokenizer
 
 
-def test_shared_prompt_scores_equal_full_sequence_scores(tiny):
+@pytest.mark.parametrize("impl, tree", [("sdpa", True), ("eager", True), ("sdpa", False)])
+def test_shared_prompt_scores_equal_full_sequence_scores(tiny, monkeypatch, impl, tree):
+    """Every label, scored after the prompt's cache, as a tree in one row (eager, sdpa) or on a cache repeated
+    per label (kernels that take no 4-D mask): the log-probability of prompt + label in one sequence."""
+    from aglcl.data import scoring
+
     model, tok = tiny
+    monkeypatch.setattr(model.config, "_attn_implementation", impl)
+    if not tree:
+        monkeypatch.setattr(scoring, "TREE_KERNELS", ())
     prompts = ["Is 4 even or odd? Answer:", "A much longer prompt, to force left padding. Answer:"]
     labels = [" even", " odd", " neither of them"]
     from aglcl.data.collate import encode_answer

@@ -103,10 +103,20 @@ class LabelLikelihood:
         return predictions, scores
 
 
+TREE_KERNELS = ("eager", "sdpa")  # attention implementations that take a 4-D mask (the labels' tree pass)
+
+
 def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[list[int]]) -> torch.Tensor:
-    """``(B, K)`` sums of log p(label_k | prompt_b), one prompt pass plus one short pass over labels."""
+    """``(B, K)`` sums of log p(label_k | prompt_b): one prompt pass, then one short pass over the labels.
+
+    The prompt pass keeps the logits of the last position only. The labels' later tokens go in one pass on
+    the prompt's KV cache: on ``eager`` and ``sdpa`` attention as a tree (all K labels in one row per prompt,
+    each label's tokens seeing the prompt and their own earlier tokens through a 4-D mask, at the positions
+    they would have after the prompt), so the cache is not copied; on other kernels, which take no 4-D mask,
+    the cache is repeated K times.
+    """
     device = next(model.parameters()).device
-    B, K, P = len(prompts), len(labels), max(len(p) for p in prompts)
+    B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
     mask = torch.zeros((B, P), dtype=torch.long)
     for row, p in enumerate(prompts):  # left-pad so every prompt ends at the last position
@@ -118,9 +128,44 @@ def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[li
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     total = first[:, [lab[0] for lab in labels]]  # (B, K)
-    L = max(len(lab) for lab in labels) - 1
-    if L == 0:
+    if max(len(lab) for lab in labels) == 1:
         return total
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.x
+    cache_key = "cache" if accepts(model, "cache") else "past_key_values"
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl in TREE_KERNELS:
+        return total + _tree_pass(model, cache, cache_key, impl, mask, pos, labels)
+    return total + _repeated_pass(model, cache, cache_key, pad_id, mask, pos, labels)
+
+
+def _tree_pass(model, cache, cache_key, impl, mask, pos, labels) -> torch.Tensor:
+    """``(B, K)`` log-probabilities of every label's tokens after the first, all labels in one row per prompt."""
+    device, B = mask.device, mask.shape[0]
+    inputs, targets, owner, offset = [], [], [], []
+    for k, lab in enumerate(labels):  # label k's token j predicts token j + 1
+        inputs += lab[:-1]
+        targets += lab[1:]
+        owner += [k] * (len(lab) - 1)
+        offset += range(len(lab) - 1)
+    owner_t, offset_t = torch.tensor(owner, device=device), torch.tensor(offset, device=device)
+    # a label token sees the (unpadded) prompt and its own label's tokens up to itself
+    tree = (owner_t[:, None] == owner_t[None, :]) & (offset_t[None, :] <= offset_t[:, None])  # (N, N)
+    seen = torch.cat([mask.bool()[:, None, :].expand(B, len(owner), -1), tree.expand(B, -1, -1)], dim=-1)
+    seen = seen[:, None]  # (B, 1, N, P + N)
+    if impl == "eager":  # eager attention adds its mask; sdpa takes a boolean one
+        seen = torch.zeros(seen.shape, device=device).masked_fill_(~seen, torch.finfo(torch.float32).min)
+    n = len(owner)
+    logits = model(input_ids=torch.tensor(inputs, device=device).expand(B, n), attention_mask=seen,
+                   position_ids=pos[:, -1:] + 1 + offset_t, **{cache_key: cache}).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.tensor(targets, device=device).expand(B, n).unsqueeze(-1)).squeeze(-1)
+    return torch.zeros((B, len(labels)), device=device).index_add_(1, owner_t, picked)
+
+
+def _repeated_pass(model, cache, cache_key, pad_id, mask, pos, labels) -> torch.Tensor:
+    """As :func:`_tree_pass`, with the prompt's cache repeated K times (kernels that take no 4-D mask)."""
+    device, B, K = mask.device, mask.shape[0], len(labels)
+    L = max(len(lab) for lab in labels) - 1
     inputs = torch.full((K, L), pad_id, dtype=torch.long)
     targets = torch.zeros((K, L), dtype=torch.long)
     valid = torch.zeros((K, L), dtype=torch.long)
@@ -128,14 +173,13 @@ def label_logprobs(model, pad_id: int, prompts: list[list[int]], labels: list[li
         inputs[k, : len(lab) - 1] = torch.tensor(lab[:-1])
         targets[k, : len(lab) - 1] = torch.tensor(lab[1:])
         valid[k, : len(lab) - 1] = 1
-    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.x
     cache.batch_repeat_interleave(K)  # rows: (b0,k0), (b0,k1), ...
     inputs, targets, valid = (t.repeat(B, 1).to(device) for t in (inputs, targets, valid))
     full_mask = torch.cat([mask.repeat_interleave(K, 0), valid], dim=-1)
     cont_pos = pos[:, -1:].repeat_interleave(K, 0) + 1 + torch.arange(L, device=device)
-    logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=cont_pos, **{"cache" if accepts(model, "cache") else "past_key_values": cache}).logits
+    logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=cont_pos, **{cache_key: cache}).logits
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return total + (logp * valid).sum(-1).view(B, K)
+    return (logp * valid).sum(-1).view(B, K)
 
 
 EXTRACTORS = ("none", "first_line", "first_word", "regex")
