@@ -37,18 +37,21 @@ def scoring_precision(model, precision: str):
             model.forward = wrapped
 
 
-def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_name: str) -> list[float]:
-    """Score every task's test split (under ``cfg.eval_precision``); write
-    ``predictions/after_<stage>_<stage_name>/<task>.jsonl``."""
+def evaluate_all(model, tokenizer, tasks, cfg, run_dir: Path, stage: int, stage_name: str,
+                 only: list[int] | None = None) -> list[float | None]:
+    """Score the test split of every task (or of the 0-based tasks ``only``; the others' cells are None),
+    under ``cfg.eval_precision``; write ``predictions/after_<stage>_<stage_name>/<task>.jsonl``."""
     model.eval()
-    row = []
+    row: list[float | None] = [None] * len(tasks)
     with scoring_precision(model, cfg.eval_precision):
-        for task in tasks:
+        for index, task in enumerate(tasks):
+            if only is not None and index not in only:
+                continue
             preds, scores = task.scoring(model, tokenizer, task, task.test, cfg.eval_batch_size, cfg.max_length)
             records = [{"prompt": ex["prompt"], "reference": ex["answer"], "prediction": p, "score": s}
                        for ex, p, s in zip(task.test, preds, scores)]
             if dist.is_main_process():
                 rundir.write_predictions(run_dir, stage, stage_name, task.name, records)
-            row.append(sum(scores) / max(len(scores), 1))
+            row[index] = sum(scores) / max(len(scores), 1)
     model.train()
     return row

@@ -235,11 +235,12 @@ class SequenceRun:
 
     def evaluate(self, index: int) -> None:
         start = time.perf_counter()
+        which = self.opts.evaluation.tasks_after(index + 1, len(self.tasks))  # conf/train.yaml: evaluation
         self.state.R.append(evaluate_all(self.bare, self.tokenizer, self.tasks, self.trainer, self.run_dir,
-                                         index + 1, self.names[index]))
+                                         index + 1, self.names[index], only=which))
         self._eval_time(self.names[index], time.perf_counter() - start)
         log.info("after %s: %s", self.names[index],
-                 "  ".join(f"{n} {s:.3f}" for n, s in zip(self.names, self.state.R[-1])))
+                 "  ".join(f"{n} {s:.3f}" for n, s in zip(self.names, self.state.R[-1]) if s is not None))
 
     def _eval_time(self, stage: str, seconds: float) -> None:
         """Record one evaluation stage's seconds (``eval_s``: the total; ``eval_s_by_stage``: each stage)."""
@@ -285,10 +286,13 @@ class SequenceRun:
 
     def finish(self) -> dict:
         """The metrics; ``results.json`` written, then ``state.json`` marked done."""
-        from aglcl.metrics.cl import compute_all
+        from aglcl.metrics.cl import available
 
-        state, method = self.state, self.method
-        metrics = compute_all(state.R, state.b, diagonal_only=method.diagonal_only)
+        state, method, evaluation = self.state, self.method, self.opts.evaluation
+        metrics, unavailable = available(state.R, state.b, diagonal_only=method.diagonal_only)
+        if evaluation.tasks != "all" or evaluation.every > 1:  # cells left out on purpose: say which setting
+            unavailable = {k: f"{why} (evaluation.tasks={evaluation.tasks}, evaluation.every={evaluation.every})"
+                           for k, why in unavailable.items()}
         state.timings["wall_s"] = time.perf_counter() - self.wall
         state.timings["peak_mem_mb"] = telemetry.peak_mem_mb(self.accelerator.device)
         results = {
@@ -297,6 +301,8 @@ class SequenceRun:
             "R": state.R,
             "b": state.b,
             "metrics": metrics,
+            "unavailable": unavailable,  # {metric: why it is None}: a cell it needs was not scored
+            "evaluation": {"tasks": evaluation.tasks, "every": evaluation.every},
             "train": state.stats,
             "timings": state.timings,
             "method": self.cfg.method.get("_target_"),

@@ -7,7 +7,7 @@ Three checks, all from what the code itself declares (no second schema to keep i
 
 * **Top-level keys**: the run's own options (:class:`RunConfig`) and the config groups of ``train.yaml``.
   A key nothing reads (``+lr=1e-4``) is refused with the closest valid keys.
-* **Run options** (``resume``, ``stop_after``, ``checkpoint.*``, ``limit.*``, ...): typed and ranged here.
+* **Run options** (``resume``, ``stop_after``, ``checkpoint.*``, ``evaluation.*``, ``limit.*``, ...): typed and ranged here.
 * **Every ``_target_`` node**, anywhere in the tree: each key must be a parameter of the target (unless it
   takes ``**kwargs``) and each value must match the parameter's annotation (``int``, ``float``, ``str``,
   ``bool``, ``X | None``, ``list[...]``, ``Literal[...]``). So ``trainer.lr=abc``, ``method.lam=abc``,
@@ -45,6 +45,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Which tasks each stage scores (``evaluation.*``; :meth:`tasks_after` says which)."""
+
+    tasks: typing.Literal["all", "seen", "past"] = "all"
+    every: int = 1
+
+    def check(self, key: str) -> None:
+        if self.every < 1:
+            raise AglclError(f"{key}.every={self.every} is invalid: must be >= 1 (1: score after every task)")
+
+    def tasks_after(self, t: int, T: int) -> list[int]:
+        """The 0-based tasks scored after training task ``t`` (1-based) of ``T``.
+
+        A full stage (every ``every``-th task, and the last) scores ``all`` tasks, the ``seen`` ones (trained
+        so far, and the next: every metric, only R above its superdiagonal left empty) or the ``past`` ones
+        (trained so far: no FWT). A stage in between scores the task just trained and, unless ``past``, the
+        next one: R's diagonal and superdiagonal, which BWT, plasticity and FWT need (forgetting and AIA need
+        the rows in between). The initial evaluation always scores every task (b).
+        """
+        nxt = [t] if t < T and self.tasks != "past" else []
+        if t % self.every and t != T:
+            return [t - 1, *nxt]
+        return list(range(T)) if self.tasks == "all" else [*range(t), *nxt]
+
+
+@dataclass
 class LimitConfig:
     train: int | None = None
     eval: int | None = None
@@ -67,6 +93,7 @@ class RunConfig:
     overwrite: bool = False
     stop_after: int | None = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     limit: LimitConfig = field(default_factory=LimitConfig)
 
 

@@ -109,22 +109,39 @@ def plasticity(R) -> float:
     return sum(_cell(M, i, i) for i in range(T)) / T
 
 
-def compute_all(R, b=None, diagonal_only: bool = False) -> dict:
-    """All metrics as ``{"op","bwt","fwt","forgetting","aia","plasticity"}``.
+def available(R, b=None, diagonal_only: bool = False) -> tuple[dict, dict]:
+    """``(metrics, unavailable)``: the metrics of :func:`compute_all`, None where a cell a metric needs is
+    missing (e.g. a run with ``evaluation.tasks=past``), and ``{metric: why}`` for each such None.
 
-    ``fwt`` is None when unavailable; with a single task (T=1) so are ``bwt`` and ``forgetting``.
-    ``diagonal_only`` (a reference whose rows are different single-task models, ``method=single``):
-    only ``plasticity`` means anything, every other metric is None.
+    ``fwt`` is None (with a reason) when ``b`` or a cell R[i-1][i] is missing; with a single task (T=1)
+    ``bwt``, ``fwt`` and ``forgetting`` are None (no reason: they are undefined). ``diagonal_only`` (a reference
+    whose rows are different single-task models, ``method=single``): only ``plasticity`` means anything.
     """
     M = _matrix(R)
     if diagonal_only:
-        return {"op": None, "bwt": None, "fwt": None, "forgetting": None, "aia": None, "plasticity": plasticity(M)}
+        return {"op": None, "bwt": None, "fwt": None, "forgetting": None, "aia": None, "plasticity": plasticity(M)}, {}
     many = M.shape[0] >= 2
-    return {
-        "op": op(M),
-        "bwt": bwt(M) if many else None,
-        "fwt": fwt(M, b) if many else None,
-        "forgetting": forgetting(M) if many else None,
-        "aia": aia(M),
-        "plasticity": plasticity(M),
-    }
+    metrics, why = {}, {}
+    for key, func in (("op", op), ("bwt", bwt), ("fwt", fwt), ("forgetting", forgetting), ("aia", aia),
+                      ("plasticity", plasticity)):
+        if not many and key in ("bwt", "fwt", "forgetting"):
+            metrics[key] = None
+            continue
+        try:
+            metrics[key] = func(M, b) if key == "fwt" else func(M)
+        except AglclError as e:
+            metrics[key], why[key] = None, str(e)
+        if key == "fwt" and metrics[key] is None:
+            why[key] = ("needs the initial scores b" if b is None else
+                        "needs R[i-1][i] (each task scored just before it is trained) and b")
+    return metrics, why
+
+
+def compute_all(R, b=None, diagonal_only: bool = False) -> dict:
+    """All metrics as ``{"op","bwt","fwt","forgetting","aia","plasticity"}`` (:func:`available`), raising
+    :class:`AglclError` naming the first missing cell a metric other than ``fwt`` needs."""
+    metrics, why = available(R, b, diagonal_only)
+    strict = [reason for key, reason in why.items() if key != "fwt"]
+    if strict:
+        raise AglclError(strict[0])
+    return metrics

@@ -9,15 +9,16 @@ from omegaconf import DictConfig
 
 from aglcl import rundir
 from aglcl.errors import AglclError
-from aglcl.metrics.cl import compute_all
+from aglcl.metrics.cl import available
 from aglcl.metrics.scorers import get_scorer
 
 SOURCES = ("run_dir", "matrix", "sweep_dir")
 MATRIX_OPTIONS = ("tasks", "scale")  # how to read matrix= (aglcl/report/matrix.py)
 
 
-def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[float]]:
-    """Rebuild ``(tasks, R, b)`` by re-scoring every stored prediction with its task's metric."""
+def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float | None]], list[float]]:
+    """Rebuild ``(tasks, R, b)`` by re-scoring every stored prediction with its task's metric (None for the
+    cells the run's ``evaluation`` setting left out)."""
     results_file = run_dir / rundir.RESULTS
     if not results_file.is_file():
         raise AglclError(f"{results_file} not found; run_dir must be a finished `aglcl train` run dir")
@@ -37,10 +38,15 @@ def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[f
     expected = list(range(len(tasks) + 1))
     if sorted(stages) != expected:
         raise AglclError(f"{run_dir / rundir.PREDICTIONS} holds stages {sorted(stages)}; expected {expected}")
+    schedule = _schedule(results_file, results.get("evaluation"))
     rows = []
     for stage in expected:
         row = []
-        for task in tasks:
+        scored = range(len(tasks)) if stage == 0 else schedule.tasks_after(stage, len(tasks))
+        for index, task in enumerate(tasks):
+            if index not in scored:  # left out by the run's evaluation.tasks / evaluation.every
+                row.append(None)
+                continue
             records = stages[stage].get(task)
             if not records:
                 raise AglclError(f"no predictions for task '{task}' at stage {stage} in {run_dir}")
@@ -55,6 +61,23 @@ def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float]], list[f
             row.append(sum(score(r["prediction"], r["reference"]) for r in records) / len(records))
         rows.append(row)
     return tasks, rows[1:], rows[0]
+
+
+def _schedule(results_file: Path, node):
+    """The run's ``evaluation`` setting from results.json (runs made before it existed scored every cell)."""
+    from aglcl.engine.validate import EvaluationConfig
+
+    if node is None:
+        return EvaluationConfig()
+    try:
+        schedule = EvaluationConfig(**node)
+        schedule.check("evaluation")
+        if schedule.tasks not in ("all", "seen", "past") or not isinstance(schedule.every, int):
+            raise TypeError(node)
+    except (TypeError, AglclError):
+        raise AglclError(f"{results_file}: 'evaluation' must be {{\"tasks\": all|seen|past, \"every\": k >= 1}}, "
+                         f"got {node!r}; the file is corrupt") from None
+    return schedule
 
 
 def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
@@ -109,13 +132,13 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         tasks, R, b = matrix
         console.print(matrix.scale_note)
         diagonal_only = False
-    metrics = compute_all(R, b, diagonal_only=diagonal_only)
+    metrics, unavailable = available(R, b, diagonal_only=diagonal_only)
     console.print(tables.matrix_table(tasks, R, b))
     console.print(tables.metrics_table(metrics))
     if diagonal_only:
         console.print("a single-task reference (method=single): only plasticity, R's diagonal, is meaningful.")
-    elif metrics.get("fwt") is None:
-        console.print("FWT unavailable: it needs the initial scores b and the cells above the diagonal.")
+    for key, why in unavailable.items():
+        console.print(f"{key} unavailable: {why}", markup=False)
     rundir.write_json(out_dir / "metrics.json", metrics)
     if key == "run_dir":
         from aglcl.report.importance import importance_report

@@ -28,6 +28,8 @@ def write_run(results: dict, run_dir: Path, console=None) -> None:
                  title=f"R ({results.get('method')}, seed {results.get('seed')})")
     console.print(matrix_table(names, R, b))
     console.print(metrics_table(results["metrics"]))
+    for key, why in (results.get("unavailable") or {}).items():
+        console.print(f"{key} unavailable: {why}", markup=False)
     if results.get("diagonal_only"):
         console.print("a single-task reference: only R's diagonal (plasticity) is meaningful; the other "
                       "metrics are left empty.")
