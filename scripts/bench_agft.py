@@ -12,7 +12,8 @@
 * The gate's traffic: bytes the update gate reads and writes per step (gates, weights, Adam state) and what
   that costs at this machine's measured copy bandwidth: the physical floor of the overhead.
 * Attribution: one pass of each estimator at its shipped defaults (conf/attribution/*.yaml), as a
-  fraction of a default task's training time (trainer.max_steps steps of the same batch size).
+  fraction of a default task's training time (trainer.max_steps steps of the same batch size), and as a
+  multiple of one plain training backward (all weights, the training loss) on each of its micro-batches.
 * Memory: bytes the method keeps (gates) plus the largest per-step temporary, over the parameter bytes.
 """
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per method per round")
     parser.add_argument("--pairs", type=int, default=9, help="interleaved rounds after one warm-up round")
     parser.add_argument("--task-steps", type=int, default=30, help="steps of a default task (trainer.max_steps)")
-    parser.add_argument("--estimators", default="grad_x_weight,fisher,lrp")
+    parser.add_argument("--estimators", default="lrp,grad_x_weight,fisher,mas,integrated_gradients")
     args = parser.parse_args()
 
     import torch
@@ -52,7 +53,7 @@ def main() -> None:
     from aglcl.models import build_tiny, load_causal_lm
     from aglcl.paths import conf_dir
 
-    model, tok = build_tiny() if args.model == "tiny" else load_causal_lm(args.model)
+    model, tok = build_tiny() if args.model == "tiny" else load_causal_lm(args.model, attn_implementation="auto")
     acc = Accelerator(mixed_precision="bf16")
     model = acc.prepare(model)
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -133,17 +134,46 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for name in args.estimators.split(","):
             pipeline = instantiate(compose("train", overrides=[f"attribution={name}"]).attribution)
+            est = pipeline.estimator
             pipeline.before_task(model)
             start = time.perf_counter()
-            pipeline.estimator(model, data, tok.pad_token_id)
+            est(model, data, tok.pad_token_id)
             sec = time.perf_counter() - start
+            fwd, bwd = plain_passes(model, data, est, tok.pad_token_id)
             with tempfile.TemporaryDirectory() as run_dir:  # the whole step: estimate, normalise, combine, store
                 pipeline.after_task(1, "a", model, data, tok.pad_token_id, Path(run_dir))
                 start = time.perf_counter()
                 pipeline.after_task(2, "b", model, data, tok.pad_token_id, Path(run_dir))
                 full = time.perf_counter() - start
-            print(f"attribution {name:<14} estimator {sec:6.2f} s = {sec / task_seconds:.1%}, whole step "
-                  f"{full:6.2f} s = {full / task_seconds:.1%} of a {args.task_steps}-step task ({task_seconds:.1f} s)")
+            print(f"attribution {name:<20} estimator {sec:6.2f} s = {sec / task_seconds:.1%}, whole step "
+                  f"{full:6.2f} s = {full / task_seconds:.1%} of a {args.task_steps}-step task ({task_seconds:.1f} s); "
+                  f"= {sec / bwd:.2f}x the plain training backward of its {est.num_samples // est.batch_size} "
+                  f"micro-batches ({bwd:.2f} s; with their forward {sec / (fwd + bwd):.2f}x)")
+
+
+def plain_passes(model, data, est, pad_id) -> tuple[float, float]:
+    """Seconds of a plain training forward and backward (all weights, the training loss) over the
+    micro-batches the estimator draws (its seed, num_samples and batch_size), one backward per micro-batch."""
+    import random
+
+    from aglcl.data.collate import collate
+    from aglcl.models.forward import lm_forward
+
+    order = list(range(len(data)))
+    random.Random(est.seed).shuffle(order)
+    chosen = [data[i] for i in order[: est.num_samples]]
+    fwd = bwd = 0.0
+    model.train()
+    for i in range(0, len(chosen), est.batch_size):
+        batch = collate(chosen[i: i + est.batch_size], pad_id)
+        start = time.perf_counter()
+        loss = lm_forward(model, batch).loss
+        mid = time.perf_counter()
+        loss.backward()
+        bwd += time.perf_counter() - mid
+        fwd += mid - start
+        model.zero_grad(set_to_none=True)
+    return fwd, bwd
 
 
 if __name__ == "__main__":

@@ -60,6 +60,20 @@ def test_a_run_scores_only_the_scheduled_cells(conf, tmp_path):
     csv = (tmp_path / "R.csv").read_text().splitlines()
     assert csv[1].split(",")[2:] == ["", ""]  # the skipped cells stay empty in R.csv
     assert json.loads((tmp_path / "state.json").read_text())["R"] == R
+    ci = results(tmp_path)["ci"]  # over the stored per-example scores: brackets each available metric
+    assert ci["fwt"] is None and "percentile bootstrap" in results(tmp_path)["ci_method"]
+    for key in ("op", "bwt", "plasticity"):
+        assert ci[key][0] <= out["metrics"][key] <= ci[key][1], key
+
+
+def test_bootstrap_off_and_a_bad_value(conf, tmp_path):
+    from aglcl.errors import AglclError
+
+    out = train(conf, tmp_path / "run", "evaluation.bootstrap=0")
+    assert out["ci"] is None and out["metrics"]["op"] is not None
+    with pytest.raises(AglclError, match=r"evaluation.confidence=1.5 is invalid: must lie in \(0, 1\)"):
+        train(conf, tmp_path / "bad", "evaluation.confidence=1.5")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eval_of_an_incomplete_run_says_what_is_unavailable(conf, tmp_path, capsys):

@@ -234,7 +234,7 @@ def test_a_partial_sweep_lists_failed_and_missing_jobs(tmp_path):
     assert [j["num"] for j in jobs["failed"]] == [4] and "method=agft trainer.seed=1" in jobs["failed"][0]["overrides"]
     assert [j["num"] for j in jobs["missing"]] == [5]
     seqft, agft = aggregate_sweep(sweep)
-    assert (seqft["n"], seqft["complete"]) == (3, True) and seqft["op"][0] == pytest.approx(0.6)
+    assert (seqft["n"], seqft["complete"]) == (3, True) and seqft["op"]["mean"] == pytest.approx(0.6)
     assert (agft["n"], agft["complete"]) == (1, False)
 
 
@@ -244,7 +244,7 @@ def test_a_sweep_whose_group_never_finished_still_has_its_row(tmp_path):
     rows = aggregate_sweep(_fake_sweep(tmp_path, {0: 0.5, 1: 0.7, 2: 0.6}))
     assert [(r["overrides"], r["n"], r["complete"]) for r in rows] == [
         ("model=tiny method=seqft", 3, True), ("model=tiny method=agft", 0, False)]
-    assert rows[1]["op"] == (None, None)
+    assert rows[1]["op"]["mean"] is None and rows[1]["op"]["n"] == 0
 
 
 @pytest.mark.integration
@@ -265,7 +265,7 @@ def test_sweep_table_keeps_column_names_whole():
 
     keys = ["op", "bwt", "fwt", "forgetting", "aia", "plasticity", "wall_s", "peak_mem_mb"]
     row = {"overrides": "method=agft attribution=lrp method.mode=update trainer.seed_group=abc", "n": 3,
-           **{k: (0.5, 0.1) for k in keys}}
+           **{k: {"mean": 0.5, "lo": 0.4, "hi": 0.6, "sd": 0.1, "n": 3} for k in keys}}
     console = Console(width=100, record=True)
     print_whole(console, sweep_table([row], keys))
     text = console.export_text()

@@ -295,12 +295,16 @@ class SequenceRun:
                            for k, why in unavailable.items()}
         state.timings["wall_s"] = time.perf_counter() - self.wall
         state.timings["peak_mem_mb"] = telemetry.peak_mem_mb(self.accelerator.device)
+        ci = self._bootstrap() if evaluation.bootstrap and not method.diagonal_only else None
         results = {
             "tasks": self.names,
             "metric": {t.name: t.metric for t in self.tasks},
             "R": state.R,
             "b": state.b,
             "metrics": metrics,
+            "ci": ci,  # {metric: [lo, hi]} over resampled test examples (aglcl.metrics.stats.bootstrap_run)
+            "ci_method": (f"percentile bootstrap over each task's test examples, the same draw at every stage, "
+                          f"{evaluation.bootstrap} resamples, {evaluation.confidence:.0%}") if ci is not None else None,
             "unavailable": unavailable,  # {metric: why it is None}: a cell it needs was not scored
             "evaluation": {"tasks": evaluation.tasks, "every": evaluation.every},
             "train": state.stats,
@@ -318,6 +322,20 @@ class SequenceRun:
             self.accelerator.log({f"metrics/{k}": v for k, v in metrics.items() if v is not None})
             self.accelerator.end_training()
         return results
+
+    def _bootstrap(self) -> dict | None:
+        """Each metric's CI over the run's test examples, from its stored per-example scores (rank 0; the
+        others, which hold no predictions, get None)."""
+        from aglcl.metrics.stats import bootstrap_run
+
+        if not dist.is_main_process():
+            return None
+        stored = rundir.read_predictions(self.run_dir)
+        scores = {s: {t: [r["score"] for r in recs] for t, recs in by.items()} for s, by in stored.items()}
+        evaluation = self.opts.evaluation
+        return bootstrap_run({s: v for s, v in scores.items() if s >= 1}, scores.get(0), self.names,
+                             resamples=evaluation.bootstrap, confidence=evaluation.confidence,
+                             seed=self.trainer.seed)
 
     def close(self) -> None:
         """Release the run dir and the accelerator (multirun jobs share this process)."""

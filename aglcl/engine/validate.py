@@ -50,10 +50,16 @@ class EvaluationConfig:
 
     tasks: typing.Literal["all", "seen", "past"] = "all"
     every: int = 1
+    bootstrap: int = 1000  # resamples of the test examples for each metric's CI in results.json; 0: none
+    confidence: float = 0.95
 
     def check(self, key: str) -> None:
         if self.every < 1:
             raise AglclError(f"{key}.every={self.every} is invalid: must be >= 1 (1: score after every task)")
+        if self.bootstrap < 0:
+            raise AglclError(f"{key}.bootstrap={self.bootstrap} is invalid: must be >= 0 (0: no CI)")
+        if not 0 < self.confidence < 1:
+            raise AglclError(f"{key}.confidence={self.confidence} is invalid: must lie in (0, 1), e.g. 0.95")
 
     def tasks_after(self, t: int, T: int) -> list[int]:
         """The 0-based tasks scored after training task ``t`` (1-based) of ``T``.

@@ -14,6 +14,7 @@ from aglcl.metrics.scorers import get_scorer
 
 SOURCES = ("run_dir", "matrix", "sweep_dir")
 MATRIX_OPTIONS = ("tasks", "scale")  # how to read matrix= (aglcl/report/matrix.py)
+SWEEP_OPTIONS = ("baseline",)  # sweep_dir= only: the row the others are compared with, pair by pair
 
 
 def matrix_from_run(run_dir: Path) -> tuple[list[str], list[list[float | None]], list[float]]:
@@ -86,7 +87,7 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
     from aglcl.report import tables
 
-    valid = (*SOURCES, *MATRIX_OPTIONS, "paths", "hydra")
+    valid = (*SOURCES, *MATRIX_OPTIONS, *SWEEP_OPTIONS, "paths", "hydra")
     for key in cfg:
         if key not in valid:
             raise AglclError(f"'{key}' is not a config key of aglcl eval, so nothing would read it; valid keys: "
@@ -94,6 +95,9 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     chosen = [key for key in SOURCES if cfg.get(key)]
     if len(chosen) != 1:
         raise AglclError(f"give exactly one of {', '.join(k + '=...' for k in SOURCES)} (got {len(chosen)})")
+    if chosen[0] != "sweep_dir" and cfg.get("baseline"):
+        raise AglclError(f"baseline= applies to sweep_dir= only (rows of a sweep, compared seed by seed); got "
+                         f"{chosen[0]}=")
     if chosen[0] != "matrix" and (cfg.get("tasks") is not None or str(cfg.get("scale", "auto")) != "auto"):
         raise AglclError(f"tasks= and scale= apply to matrix= only; {chosen[0]}= takes its task names and "
                          "scores from the run's own files")
@@ -105,20 +109,34 @@ def run_eval(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     console = Console() if Console().is_terminal else Console(width=400)  # logs and CI: no truncated tables
     key, value = chosen[0], Path(cfg[chosen[0]])
     if key == "sweep_dir":
-        from aglcl.report.sweep import METRICS, TIMINGS, aggregate_sweep, sweep_status, write_sweep_csv
+        from aglcl.report.plots import plot_stability_plasticity, plot_sweep_metrics
+        from aglcl.report.sweep import (
+            METRICS,
+            TIMINGS,
+            aggregate_sweep,
+            compare,
+            sweep_status,
+            write_sweep_csv,
+        )
 
         rows, jobs = aggregate_sweep(value), sweep_status(value)
         common = set.intersection(*(set(r["overrides"].split()) for r in rows)) if len(rows) > 1 else set()
         for r in rows:  # label rows by what differs between them
             r["overrides"] = " ".join(o for o in r["overrides"].split() if o not in common) or "(base)"
+        diffs = compare(rows, cfg.baseline) if cfg.get("baseline") else None  # an unknown baseline: refused here
         keys = [k for k in (*METRICS, *TIMINGS) if any(k in r for r in rows)]
         tables.print_whole(console, tables.sweep_table(rows, keys, title=f"Sweep {value}", seeds=jobs["seeds"]))
+        if diffs is not None:
+            shown = [k for k in METRICS if any((d.get(k) or {}).get("mean") is not None for d in diffs.values())]
+            tables.print_whole(console, tables.compare_table(diffs, shown, cfg.baseline))
         for line in tables.sweep_status_lines(jobs):
             console.print(line, markup=False)
-        write_sweep_csv(rows, out_dir / "sweep.csv")
-        out = {"sweep_dir": str(value), "jobs": jobs, "rows": rows}
+        write_sweep_csv(rows, out_dir / "sweep.csv", diffs)
+        plot_sweep_metrics(rows, METRICS, out_dir / "sweep_metrics.png")
+        plot_stability_plasticity(rows, out_dir / "stability_plasticity.png")
+        out = {"sweep_dir": str(value), "jobs": jobs, "rows": rows, "baseline": cfg.get("baseline"), "paired": diffs}
         rundir.write_json(out_dir / "metrics.json", out)
-        console.print(f"wrote {out_dir / 'sweep.csv'}")
+        console.print(f"wrote {out_dir / 'sweep.csv'}, sweep_metrics.png, stability_plasticity.png")
         return out
     if key == "run_dir":
         if not value.is_dir():

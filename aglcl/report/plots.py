@@ -60,3 +60,66 @@ def save_figure(fig, path) -> Path:
     fig.savefig(buffer, format="png", dpi=120)
     atomic_write(Path(path), buffer.getvalue())
     return Path(path)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_sweep_metrics(rows, keys, path) -> Path:
+    """``sweep_metrics.png``: one panel per metric, each sweep row's mean with its 95% t-CI whisker (a dot
+    alone where n = 1 or the metric is unavailable)."""
+    keys = [k for k in keys if any((r.get(k) or {}).get("mean") is not None for r in rows)]
+    fig = _figure(3.2 * max(len(keys), 1), 1.2 + 0.35 * len(rows))
+    labels = [str(r["overrides"]) for r in rows]
+    for j, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), j + 1)
+        for i, row in enumerate(rows):
+            ci = row.get(key) or {}
+            if ci.get("mean") is None:
+                continue
+            if ci.get("lo") is not None:
+                ax.errorbar(ci["mean"], i, xerr=[[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]], fmt="o",
+                            capsize=3, color="C0")
+            else:
+                ax.plot(ci["mean"], i, "o", color="C0")
+        ax.set_yticks(range(len(rows)), labels if j == 0 else [""] * len(rows))
+        ax.invert_yaxis()
+        ax.set_title(key)
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_stability_plasticity(rows, path, method_of=None) -> Path:
+    """``stability_plasticity.png``: BWT against plasticity, one point per run, one colour per method
+    (``method_of(row)``; default: the row's ``method=`` override, else its overrides)."""
+    def default(row):
+        found = [o.split("=", 1)[1] for o in str(row["overrides"]).split() if o.lstrip("+").startswith("method=")]
+        return found[0] if found else str(row["overrides"])
+
+    method_of = method_of or default
+    fig = _figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    colours = {}
+    for row in rows:
+        name = method_of(row)
+        colour = colours.setdefault(name, f"C{len(colours) % 10}")
+        points = [(r["metrics"].get("plasticity"), r["metrics"].get("bwt")) for r in row.get("runs", [])]
+        points = [(p, b) for p, b in points if p is not None and b is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, color=colour, label=name if name not in ax.get_legend_handles_labels()[1] else None,
+                       alpha=0.8)
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("plasticity (mean of R's diagonal)")
+    ax.set_ylabel("BWT")
+    if colours:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -27,7 +27,7 @@ def write_run(results: dict, run_dir: Path, console=None) -> None:
     plot_heatmap(names, R, Path(run_dir) / rundir.HEATMAP,
                  title=f"R ({results.get('method')}, seed {results.get('seed')})")
     console.print(matrix_table(names, R, b))
-    console.print(metrics_table(results["metrics"]))
+    console.print(metrics_table(results["metrics"], ci=results.get("ci")))
     for key, why in (results.get("unavailable") or {}).items():
         console.print(f"{key} unavailable: {why}", markup=False)
     if results.get("diagonal_only"):

@@ -1,7 +1,9 @@
-"""Aggregate a Hydra multirun sweep: mean and std of each metric per override group, over seeds.
+"""Aggregate a Hydra multirun sweep: each metric's mean and 95% Student-t CI per override group, over its
+repeats (seeds, orders, data seeds), and paired differences against a baseline row.
 
-    rows = aggregate_sweep(sweep_dir)      # one row per override group (finished jobs only)
-    jobs = sweep_status(sweep_dir)         # which jobs finished, failed or never ran
+    rows = aggregate_sweep(sweep_dir)                  # one row per override group (finished jobs only)
+    diffs = compare(rows, "method=seqft")              # every other row minus the baseline, repeat by repeat
+    jobs = sweep_status(sweep_dir)                     # which jobs finished, failed or never ran
 
 A partial sweep (a failed job stops Hydra's basic launcher; a killed sweep leaves jobs unstarted) is
 reported as such: :func:`sweep_status` lists the failed and missing jobs, and rows whose ``n`` is below the
@@ -14,12 +16,13 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
-
 from aglcl.errors import AglclError
 
 METRICS = ("op", "bwt", "fwt", "forgetting", "aia", "plasticity")
 TIMINGS = ("wall_s", "peak_mem_mb")
+# Overrides that repeat a configuration rather than change it: a row pools them, and a paired comparison
+# pairs the runs that share them.
+REPEATS = ("trainer.seed", "seed", "order", "data_seed")
 
 
 def _override_key(override: str) -> str:
@@ -52,13 +55,6 @@ def _load_overrides(job: Path) -> list[str]:
     return [str(o) for o in overrides]
 
 
-def _mean_std(values) -> tuple[float | None, float | None]:
-    values = [float(v) for v in values if v is not None]
-    if not values:
-        return None, None
-    return float(np.mean(values)), float(np.std(values))  # population std (ddof=0): n=1 -> 0.0
-
-
 def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """Each job's overrides from the sweep's ``multirun.yaml`` (Hydra's basic sweeper), or None."""
     from omegaconf import OmegaConf
@@ -74,13 +70,13 @@ def _expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
         return None
 
 
-def sweep_status(sweep_dir, group_ignore=("trainer.seed", "seed")) -> dict:
+def sweep_status(sweep_dir, group_ignore=REPEATS) -> dict:
     """``{"expected", "finished", "failed": [{num, overrides}], "missing": [...], "seeds"}`` of a sweep dir.
 
     A job is *finished* with a ``results.json``, *failed* with a job dir but none (it failed or was killed;
     ``aglcl train ... resume=true`` continues it), *missing* when ``multirun.yaml`` lists it but it has no
-    dir (the launcher stopped before it). ``seeds`` is the number of distinct values of the ``group_ignore``
-    keys among the expected jobs (or the finished ones).
+    dir (the launcher stopped before it). ``seeds`` is the number of distinct combinations of the
+    ``group_ignore`` keys (the repeats) among the expected jobs (or the finished ones).
     """
     sweep_dir = Path(sweep_dir)
     expected = _expected_jobs(sweep_dir)
@@ -101,15 +97,19 @@ def sweep_status(sweep_dir, group_ignore=("trainer.seed", "seed")) -> dict:
             "failed": failed, "missing": missing, "seeds": len(seeds)}
 
 
-def aggregate_sweep(sweep_dir, group_ignore=("trainer.seed", "seed")) -> list[dict]:
-    """Group the jobs ``<sweep_dir>/<num>/`` by overrides minus ``group_ignore``; one row per group.
+def aggregate_sweep(sweep_dir, group_ignore=REPEATS) -> list[dict]:
+    """Group the jobs ``<sweep_dir>/<num>/`` by overrides minus ``group_ignore`` (the repeats); one row per group.
 
-    Each row is ``{"overrides": "method=seqft ...", "n": jobs, "<metric>": (mean, std)}`` for the CL
-    metrics, plus ``wall_s`` and ``peak_mem_mb`` when any job recorded them. None values are skipped;
-    std is the population std (ddof=0). Groups keep the order of their first job; with the sweep's
+    Each row is ``{"overrides": "method=seqft ...", "n": jobs, "complete": bool, "runs": [...], "<metric>":
+    t_interval}`` for the CL metrics, plus ``wall_s`` and ``peak_mem_mb`` when any job recorded them; a
+    t_interval is ``{"mean", "lo", "hi", "sd", "n"}`` (:func:`aglcl.metrics.stats.t_interval`, None values
+    skipped). ``runs`` holds each job's ``{"repeat": (its group_ignore overrides, sorted), "metrics": {...}}``
+    for pairing (:func:`compare`) and plots. Groups keep the order of their first job; with the sweep's
     ``multirun.yaml``, a group none of whose jobs finished is a row with ``n`` 0. ``"complete"`` says whether
-    a row has as many runs as the sweep has seeds.
+    a row has as many runs as the sweep has repeats.
     """
+    from aglcl.metrics.stats import t_interval
+
     sweep_dir = Path(sweep_dir)
     found = sweep_dir.iterdir() if sweep_dir.is_dir() else []
     jobs = [p for p in found if p.is_dir() and p.name.isdigit() and (p / "results.json").is_file()]
@@ -121,45 +121,98 @@ def aggregate_sweep(sweep_dir, group_ignore=("trainer.seed", "seed")) -> list[di
 
     def group_of(overrides: list[str]) -> dict:
         kept = [o for o in overrides if _override_key(o) not in group_ignore]
-        return groups.setdefault(tuple(sorted(kept)), {"overrides": " ".join(kept) or "(base)", "results": []})
+        return groups.setdefault(tuple(sorted(kept)), {"overrides": " ".join(kept) or "(base)", "kept": kept,
+                                                       "runs": []})
 
     for overrides in _expected_jobs(sweep_dir) or []:  # a group none of whose jobs finished still gets a row
         group_of(overrides)
     for job in jobs:
         overrides, results = _load_job(job)
-        group_of(overrides)["results"].append(results)
+        repeat = tuple(sorted(o.lstrip("+") for o in overrides if _override_key(o) in group_ignore))
+        group_of(overrides)["runs"].append({"repeat": repeat, "job": int(job.name),
+                                            "metrics": results.get("metrics") or {},
+                                            "timings": results.get("timings") or {}})
 
     seeds = sweep_status(sweep_dir, group_ignore)["seeds"]
     rows = []
     for group in groups.values():
-        results = group["results"]
-        row = {"overrides": group["overrides"], "n": len(results), "complete": len(results) >= seeds}
+        runs = group["runs"]
+        row = {"overrides": group["overrides"], "kept": group["kept"], "n": len(runs),
+               "complete": len(runs) >= seeds, "runs": runs}
         for key in METRICS:
-            row[key] = _mean_std((r.get("metrics") or {}).get(key) for r in results)
+            row[key] = t_interval(r["metrics"].get(key) for r in runs)
         for key in TIMINGS:
-            stats = _mean_std((r.get("timings") or {}).get(key) for r in results)
-            if stats[0] is not None:
+            stats = t_interval(r["timings"].get(key) for r in runs)
+            if stats["mean"] is not None:
                 row[key] = stats
         rows.append(row)
     return rows
 
 
-def write_sweep_csv(rows, path) -> Path:
-    """Write ``overrides,n,<metric>_mean,<metric>_std,...`` (empty cells where unavailable)."""
+def _baseline_row(rows: list[dict], baseline: str) -> dict:
+    """The row ``baseline`` (an override set such as ``method=seqft``) names: the one whose overrides contain
+    all of it with the fewest others (overrides every job shares may be left out)."""
+    want = {o.lstrip("+") for o in str(baseline).split()}
+    found = [row for row in rows if want <= {o.lstrip("+") for o in row["kept"]}]
+    fewest = min((len(row["kept"]) for row in found), default=0)
+    found = [row for row in found if len(row["kept"]) == fewest]
+    names = ", ".join(repr(row["overrides"]) for row in (found if len(found) > 1 else rows))
+    if len(found) != 1:
+        problem = "matches no row" if not found else "matches several rows equally"
+        raise AglclError(f"baseline={baseline!r} {problem} of the sweep; name one of: {names}")
+    return found[0]
+
+
+def compare(rows: list[dict], baseline: str) -> dict[str, dict]:
+    """Paired differences of every other row against the ``baseline`` row, repeat by repeat (the runs with
+    the same seed / order / data seed): ``{row overrides: {metric: paired}}`` with
+    :func:`aglcl.metrics.stats.paired` (mean difference row − baseline, t CI, paired t-test p, exact sign-flip
+    p, n pairs). A run without a partner is left out (n counts the pairs)."""
+    from aglcl.metrics.stats import paired
+
+    base = _baseline_row(rows, baseline)
+    by_repeat = {r["repeat"]: r["metrics"] for r in base["runs"]}
+    out = {}
+    for row in rows:
+        if row is base:
+            continue
+        pairs = [(r["metrics"], by_repeat[r["repeat"]]) for r in row["runs"] if r["repeat"] in by_repeat]
+        out[row["overrides"]] = {key: paired([a.get(key) for a, _ in pairs], [b.get(key) for _, b in pairs])
+                                 for key in METRICS}
+    return out
+
+
+def write_sweep_csv(rows, path, diffs: dict | None = None) -> Path:
+    """Write ``overrides,n,<metric>_mean,<metric>_lo,<metric>_hi,<metric>_sd,...`` (95% t CI over the repeats;
+    empty cells where unavailable) and, with ``diffs`` (:func:`compare`), ``<metric>_diff,_diff_lo,_diff_hi,
+    _p_t,_p_sign`` against the baseline (empty on the baseline's own row)."""
     import io
 
     from aglcl.rundir import atomic_write
 
-    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("overrides", "n", "complete")))
+    keys = [k for k in (*METRICS, *TIMINGS) if any(k in r for r in rows)]
+    diff_cols = ("diff", "diff_lo", "diff_hi", "p_t", "p_sign")
     path = Path(path)
+
+    def num(v):
+        return "" if v is None else f"{v:.6g}"
+
     with io.StringIO(newline="") as f:
         w = csv.writer(f)
-        w.writerow(["overrides", "n", *(f"{k}_{s}" for k in keys for s in ("mean", "std"))])
+        header = ["overrides", "n", *(f"{k}_{s}" for k in keys for s in ("mean", "lo", "hi", "sd"))]
+        if diffs is not None:
+            header += [f"{k}_{c}" for k in METRICS for c in diff_cols]
+        w.writerow(header)
         for r in rows:
             cells = []
             for k in keys:
-                mean, std = r.get(k) or (None, None)
-                cells += ["" if mean is None else f"{mean:.6g}", "" if std is None else f"{std:.6g}"]
+                ci = r.get(k) or {}
+                cells += [num(ci.get(s)) for s in ("mean", "lo", "hi", "sd")]
+            if diffs is not None:
+                d = diffs.get(r["overrides"], {})
+                for k in METRICS:
+                    p = d.get(k) or {}
+                    cells += [num(p.get(c)) for c in ("mean", "lo", "hi", "p_t", "p_sign")]
             w.writerow([r["overrides"], r["n"], *cells])
         atomic_write(path, f.getvalue())
     return path
