@@ -48,7 +48,7 @@ def test_a_run_scores_only_the_scheduled_cells(conf, tmp_path):
     out = train(conf, tmp_path, "sequence.order=[parity,sign,size]", "evaluation.tasks=past", "evaluation.every=2")
     R = out["R"]
     assert [[v is not None for v in row] for row in R] == [[True, False, False], [True, True, False], [True] * 3]
-    assert results(tmp_path)["evaluation"] == {"tasks": "past", "every": 2}
+    assert results(tmp_path)["evaluation"] == {"tasks": "past", "every": 2, "split": None}
     unavailable = results(tmp_path)["unavailable"]
     assert set(unavailable) == {"fwt"} and "evaluation.tasks=past" in unavailable["fwt"]
     assert out["metrics"]["bwt"] == pytest.approx(sum(R[2][i] - R[i][i] for i in range(2)) / 2)
@@ -95,3 +95,20 @@ def test_eval_of_an_incomplete_run_says_what_is_unavailable(conf, tmp_path, caps
     (run / "results.json").write_text(json.dumps({**saved, "evaluation": {"tasks": "past", "every": 0}}))
     with pytest.raises(AglclError, match=r"results.json: 'evaluation' must be .* the file is corrupt"):
         run_eval(cfg, out_dir=tmp_path / "eval2")
+
+
+def test_evaluation_split_eval_scores_the_eval_split_only(conf, tmp_path):
+    """evaluation.split=eval (tuning): every stage scores each task's eval split, never its test split, and
+    results.json says so."""
+    from aglcl.rundir import read_predictions
+
+    out = train(conf, tmp_path, "evaluation.split=eval")
+    assert results(tmp_path)["evaluation"]["split"] == "eval"
+    data = conf.parent / "data"
+    for stage in read_predictions(tmp_path).values():
+        for task, records in stage.items():
+            split_prompts = {s: {r["prompt"] for r in json.loads((data / task / f"{s}.json").read_text())}
+                             for s in ("eval", "test")}
+            scored = {r["prompt"].removesuffix(" Answer:") for r in records}  # the fixture's template
+            assert scored <= split_prompts["eval"] and not scored & split_prompts["test"], task
+    assert out["R"]

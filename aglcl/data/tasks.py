@@ -324,8 +324,11 @@ def _templated(examples: list[dict], template: str, chat_template: str | None, k
     return out
 
 
-def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> list[Task]:
+def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0, split: str | None = None) -> list[Task]:
     """Build the ordered tasks of ``sequence_cfg`` and load their data (errors before any training).
+
+    ``split`` (``evaluation.split``) scores that split of every task instead of each task's ``eval_split``:
+    ``eval`` for tuning, so that choosing a setting never reads the test split.
 
     A :class:`~aglcl.data.scoring.LabelLikelihood` task without declared labels scores the distinct
     answers of its whole train split (caps and ``train_size`` do not shrink the set); that is logged once
@@ -360,7 +363,7 @@ def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> l
             get_scorer(metric)
         except AglclError as exc:
             raise AglclError(f"{key}.metric: {exc}") from None
-        eval_split = spec.get("eval_split", "test")
+        eval_split = split or spec.get("eval_split", "test")
         if eval_split not in SPLITS:
             raise AglclError(f"{key}.eval_split={eval_split!r} is invalid; choose one of {choices(SPLITS)}")
         spec_labels = _label_list(spec.get("labels"), f"{key}.labels")
@@ -376,10 +379,10 @@ def load_sequence(sequence_cfg: Any, limit: Any = None, data_seed: int = 0) -> l
                       or (source.labels() if callable(getattr(source, "labels", None)) else None))
         labels = [str(x) for x in labels] if labels else None
         train = _subset(full_train, train_size, cap_train, data_seed)
-        for split, examples in (("train", train), ("test", test)):
-            _check_answers(name, split, examples)
+        for part, examples in (("train", train), ("test", test)):
+            _check_answers(name, part, examples)
             if labels:
-                _check_labels(name, split, examples, labels)
+                _check_labels(name, part, examples, labels)
         _check_fields(fields, train[0], key)
         inferred = None
         if isinstance(scoring, LabelLikelihood):

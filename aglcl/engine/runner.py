@@ -105,7 +105,7 @@ class SequenceRun:
         hf_logging.disable_progress_bar()
         self.console = Console(stderr=True)
         self.trainer = build(cfg.trainer)
-        self.tasks = load_sequence(cfg.sequence, cfg.get("limit"), opts.data_seed)
+        self.tasks = load_sequence(cfg.sequence, cfg.get("limit"), opts.data_seed, split=opts.evaluation.split)
         self.names = [t.name for t in self.tasks]
         self.method = build(cfg.method)
         self.attribution = build(cfg.attribution) if _enabled(cfg.get("attribution")) else None
@@ -303,10 +303,10 @@ class SequenceRun:
             "b": state.b,
             "metrics": metrics,
             "ci": ci,  # {metric: [lo, hi]} over resampled test examples (aglcl.metrics.stats.bootstrap_run)
-            "ci_method": (f"percentile bootstrap over each task's test examples, the same draw at every stage, "
+            "ci_method": (f"percentile bootstrap over each task's scored examples, the same draw at every stage, "
                           f"{evaluation.bootstrap} resamples, {evaluation.confidence:.0%}") if ci is not None else None,
             "unavailable": unavailable,  # {metric: why it is None}: a cell it needs was not scored
-            "evaluation": {"tasks": evaluation.tasks, "every": evaluation.every},
+            "evaluation": {"tasks": evaluation.tasks, "every": evaluation.every, "split": evaluation.split},
             "train": state.stats,
             "timings": state.timings,
             "method": self.cfg.method.get("_target_"),

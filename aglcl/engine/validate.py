@@ -50,6 +50,7 @@ class EvaluationConfig:
 
     tasks: typing.Literal["all", "seen", "past"] = "all"
     every: int = 1
+    split: typing.Literal["eval", "test"] | None = None  # None: each task's eval_split; eval: for tuning
     bootstrap: int = 1000  # resamples of the test examples for each metric's CI in results.json; 0: none
     confidence: float = 0.95
 
