@@ -149,14 +149,7 @@ def _chat_topic(root: Path, dist: str, rng: random.Random) -> list[dict]:
                     first = first[:1].upper() + first[1:].lower()
                 if len(first.split()) >= 3:
                     pairs.append((first, topic))
-    by_label = defaultdict(list)
-    for example in _dedup(pairs):
-        by_label[example["answer"]].append(example)
-    out = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        out += rng.sample(group, CHAT_MAX_PER_LABEL) if len(group) > CHAT_MAX_PER_LABEL else group
-    return out
+    return _balanced(_dedup(pairs), CHAT_MAX_PER_LABEL, rng)
 
 
 def _balanced(examples: list[dict], per_label: int, rng: random.Random) -> list[dict]:
